@@ -1,0 +1,112 @@
+//! `memslots`: replay KVM memslot traces on the library, and measure it.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use memslots::trace::{self, NumberSyntax, Verdict};
+use memslots::{Config, Vm};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "memslots",
+    version,
+    about = "KVM's scalable memslots as a library: replay traces, compare with KVM, benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replay operation traces (shared/conformance format) and print one verdict a line.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// Address spaces of the VM (x86: 2 with SMM, 1 without).
+    #[arg(long, default_value_t = 2)]
+    address_spaces: u16,
+    /// User slots per address space (KVM_CAP_NR_MEMSLOTS).
+    #[arg(long, default_value_t = memslots::KVM_USER_MEM_SLOTS)]
+    user_slots: u16,
+    /// Host physical address bits (x86 kvm_mmu_max_gfn); default: this host's, else 48.
+    #[arg(long)]
+    phys_bits: Option<u32>,
+    /// Also replay on a fresh kernel VM (/dev/kvm) and print both verdicts
+    /// where they differ; exit 1 on any divergence.
+    #[arg(long)]
+    kvm: bool,
+    /// Read numbers >= 2^63 literally instead of saturating them to i64::MAX
+    /// as the conformance recorder did (see `memslots::trace`).
+    #[arg(long)]
+    exact_numbers: bool,
+    /// Trace files; each is replayed on a fresh VM.
+    #[arg(required = true)]
+    traces: Vec<PathBuf>,
+}
+
+fn replay(args: &ReplayArgs) -> Result<ExitCode> {
+    let phys_bits = args.phys_bits.unwrap_or_else(|| memslots_kvm::host_phys_bits().unwrap_or(48));
+    let mut config = Config::x86_64().with_address_spaces(args.address_spaces).with_user_slots(args.user_slots);
+    config.max_gfn = Config::max_gfn_for_phys_bits(phys_bits);
+    config.validate().context("invalid VM configuration")?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut divergences = 0usize;
+    for path in &args.traces {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let syntax = if args.exact_numbers { NumberSyntax::Exact } else { NumberSyntax::Recorder };
+        let ops = match trace::parse_with(&text, syntax) {
+            Ok(ops) => ops,
+            Err(e) => bail!("{}:{}: {}", path.display(), e.line, e.message),
+        };
+        let vm = Vm::new(config)?;
+        let mut kernel = if args.kvm {
+            let k = memslots_kvm::KernelVm::new().context("--kvm: cannot create a VM on /dev/kvm")?;
+            if k.nr_address_spaces() != args.address_spaces {
+                eprintln!(
+                    "memslots: note: the kernel VM has {} address space(s), the library {}",
+                    k.nr_address_spaces(),
+                    args.address_spaces
+                );
+            }
+            Some(k)
+        } else {
+            None
+        };
+        for (line, op) in &ops {
+            let v: Verdict = trace::apply(&vm, op);
+            match kernel.as_mut().map(|k| k.apply(op)) {
+                Some(kv) if kv != v => {
+                    divergences += 1;
+                    writeln!(out, "{v} kvm={kv}  # {}:{line}: {op}", path.display())?;
+                }
+                _ => writeln!(out, "{v}")?,
+            }
+        }
+    }
+    out.flush()?;
+    if divergences > 0 {
+        eprintln!("memslots: {divergences} divergence(s) from the kernel");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.command {
+        Command::Replay(a) => replay(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("memslots: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The host's KVM: is it there, and what configuration does it give a VM.
+
+use kvm_ioctls::{Cap, Kvm};
+use memslots::Config;
+
+/// Whether /dev/kvm can be opened.
+pub fn kvm_available() -> bool {
+    Kvm::new().is_ok()
+}
+
+/// The host's physical address bits (CPUID 0x8000_0008 EAX[7:0]), which bound
+/// x86 KVM's highest mappable gfn. `None` off x86-64.
+pub fn host_phys_bits() -> Option<u32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID is available on every x86-64 CPU; leaf 0x8000_0008 on every
+        // one KVM supports. Check the max extended leaf first anyway.
+        let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+        if max_ext < 0x8000_0008 {
+            return None;
+        }
+        Some(std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// The memslot configuration a default VM on this host has: address spaces
+/// (KVM_CAP_MULTI_ADDRESS_SPACE), user slots (KVM_CAP_NR_MEMSLOTS), READONLY
+/// (KVM_CAP_READONLY_MEM), and the highest gfn. `None` if /dev/kvm is absent.
+pub fn host_config() -> Option<Config> {
+    let kvm = Kvm::new().ok()?;
+    let mut c = Config::x86_64();
+    let nr_as = kvm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE));
+    c.nr_address_spaces = u16::try_from(nr_as.max(1)).unwrap_or(1);
+    let slots = kvm.check_extension_int(Cap::NrMemslots);
+    if let Ok(s) = u16::try_from(slots) {
+        if s > 0 {
+            c = c.with_user_slots(s);
+        }
+    }
+    c.readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
+    if let Some(bits) = host_phys_bits() {
+        c.max_gfn = Config::max_gfn_for_phys_bits(bits);
+    }
+    Some(c)
+}

@@ -1,0 +1,98 @@
+//! A kernel VM that applies trace operations with the real ioctls, for
+//! differential testing of the library against the host's KVM.
+
+use crate::sys;
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
+use kvm_ioctls::{Kvm, VmFd};
+use memslots::trace::{Op, Verdict};
+use memslots::Errno;
+use std::collections::HashMap;
+
+/// A fresh VM on /dev/kvm, with no vCPUs and no guest memory: slot requests
+/// are validated by the kernel exactly as for a real VMM (the kernel does not
+/// touch the host range at KVM_SET_USER_MEMORY_REGION time).
+pub struct KernelVm {
+    _kvm: Kvm,
+    vm: VmFd,
+    /// Sizes of the slots the kernel accepted, to size dirty-log buffers.
+    sizes: HashMap<u32, u64>,
+}
+
+impl std::fmt::Debug for KernelVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelVm").field("slots", &self.sizes.len()).finish_non_exhaustive()
+    }
+}
+
+fn verdict<T>(r: Result<T, vmm_sys_util::errno::Error>) -> Verdict {
+    match r {
+        Ok(_) => Verdict::Ok,
+        Err(e) => Verdict::Err(Errno(e.errno())),
+    }
+}
+
+impl KernelVm {
+    /// Creates a VM (`KVM_CREATE_VM`, default type).
+    pub fn new() -> std::io::Result<Self> {
+        let kvm = Kvm::new().map_err(std::io::Error::from)?;
+        let vm = kvm.create_vm().map_err(std::io::Error::from)?;
+        Ok(KernelVm { _kvm: kvm, vm, sizes: HashMap::new() })
+    }
+
+    /// The VM's address spaces (`KVM_CAP_MULTI_ADDRESS_SPACE` on the VM fd; 0 means 1).
+    pub fn nr_address_spaces(&self) -> u16 {
+        let n = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE));
+        u16::try_from(n.max(1)).unwrap_or(1)
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Applies `op` with the real ioctl and returns the kernel's verdict.
+    pub fn apply(&mut self, op: &Op) -> Verdict {
+        match *op {
+            Op::Set(r) => {
+                let region = kvm_userspace_memory_region {
+                    slot: r.slot,
+                    flags: r.flags,
+                    guest_phys_addr: r.guest_phys_addr,
+                    memory_size: r.memory_size,
+                    userspace_addr: r.userspace_addr,
+                };
+                // SAFETY: the kernel only records the host range here; this VM
+                // never runs a vCPU and nothing reads or writes guest memory
+                // through it, so no host memory is accessed via the mapping.
+                let v = verdict(unsafe { self.vm.set_user_memory_region(region) });
+                if v == Verdict::Ok {
+                    if r.memory_size == 0 {
+                        self.sizes.remove(&r.slot);
+                    } else {
+                        self.sizes.insert(r.slot, r.memory_size);
+                    }
+                }
+                v
+            }
+            Op::GetDirtyLog { slot } => {
+                // kvm-ioctls sizes the buffer from the slot size we pass; the
+                // kernel writes ceil(npages / 64) words, so it must be exact or
+                // larger: use the size the kernel accepted (1 page if unknown:
+                // the kernel then fails before writing).
+                let size = self.sizes.get(&slot).copied().unwrap_or(0x1000);
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                verdict(self.vm.get_dirty_log(slot, size))
+            }
+            Op::ClearDirtyLog { slot, first_page, num_pages } => {
+                let words = usize::try_from(u64::from(num_pages).div_ceil(64)).unwrap_or(0).max(1);
+                let bitmap = vec![0u64; words];
+                verdict(sys::clear_dirty_log(&self.vm, slot, first_page, num_pages, &bitmap))
+            }
+            Op::EnableManualProtect { args } => {
+                let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+                cap.args[0] = args;
+                verdict(self.vm.enable_cap(&cap))
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! KVM backend for memslots: host configuration from /dev/kvm and CPUID, the
+//! raw ioctls kvm-ioctls lacks, and a kernel VM that replays trace operations
+//! for differential testing.
+
+pub mod host;
+pub mod kernel;
+pub mod sys;
+
+pub use host::{host_config, host_phys_bits, kvm_available};
+pub use kernel::KernelVm;

@@ -1,0 +1,237 @@
+//! Typed errors. Each carries the offending values and maps to the errno KVM
+//! returns for the same request ([`Error::errno`]).
+
+use crate::errno::Errno;
+
+/// Which field of an existing slot a request tried to change illegally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IllegalChange {
+    /// `userspace_addr` differs from the existing slot's.
+    UserspaceAddr,
+    /// `memory_size` differs from the existing slot's.
+    Size,
+    /// `KVM_MEM_READONLY` toggled.
+    ReadonlyFlag,
+    /// The request carries `KVM_MEM_GUEST_MEMFD`: private slots can only be deleted.
+    GuestMemfd,
+}
+
+/// Errors of memslot and dirty-log operations.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is not one KVM could have.
+    #[error("invalid configuration: {what}")]
+    BadConfig {
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// Flags not accepted for this VM or ioctl version.
+    #[error("flags {flags:#x} not accepted (valid here: {valid:#x})")]
+    InvalidFlags {
+        /// The requested flags.
+        flags: u32,
+        /// The flags that would have been accepted.
+        valid: u32,
+    },
+    /// Slot id not below the limit (user slots for the ioctl, total ids otherwise).
+    #[error("slot {slot:#x}: id {id} is not below {limit}")]
+    SlotIdOutOfRange {
+        /// The raw slot field.
+        slot: u32,
+        /// Its id part.
+        id: u16,
+        /// The exclusive limit.
+        limit: u16,
+    },
+    /// Address space id not below the number of address spaces.
+    #[error("slot {slot:#x}: address space {as_id} does not exist ({nr} address spaces)")]
+    AddressSpaceOutOfRange {
+        /// The raw slot field.
+        slot: u32,
+        /// Its address space part.
+        as_id: u16,
+        /// Number of address spaces.
+        nr: u16,
+    },
+    /// `memory_size` not a multiple of the page size.
+    #[error("memory_size {size:#x} is not page aligned")]
+    UnalignedSize {
+        /// The size.
+        size: u64,
+    },
+    /// `guest_phys_addr` not page aligned.
+    #[error("guest_phys_addr {gpa:#x} is not page aligned")]
+    UnalignedGuestPhysAddr {
+        /// The address.
+        gpa: u64,
+    },
+    /// `userspace_addr` unaligned, or the range is not inside user space.
+    #[error("userspace range {hva:#x}+{size:#x} is unaligned or not below {limit:#x}")]
+    BadUserspaceAddr {
+        /// The address.
+        hva: u64,
+        /// The size.
+        size: u64,
+        /// The user address limit.
+        limit: u64,
+    },
+    /// guest_memfd offset unaligned or offset + size wraps.
+    #[error("guest_memfd offset {offset:#x} (size {size:#x}) is unaligned or wraps")]
+    BadGuestMemfdOffset {
+        /// The offset.
+        offset: u64,
+        /// The size.
+        size: u64,
+    },
+    /// `guest_phys_addr + memory_size` wraps around.
+    #[error("guest range {gpa:#x}+{size:#x} wraps")]
+    GuestRangeWraps {
+        /// The address.
+        gpa: u64,
+        /// The size.
+        size: u64,
+    },
+    /// More pages than one slot may have.
+    #[error("{npages} pages exceed the per-slot maximum {max}")]
+    TooManyPages {
+        /// Requested pages.
+        npages: u64,
+        /// The maximum.
+        max: u64,
+    },
+    /// Deleting a slot that does not exist.
+    #[error("slot {slot:#x} does not exist")]
+    DeleteNonexistent {
+        /// The raw slot field.
+        slot: u32,
+    },
+    /// The total number of pages over all slots would overflow.
+    #[error("total pages {total} + {npages} overflows")]
+    TotalPagesOverflow {
+        /// Pages in all slots now.
+        total: u64,
+        /// Pages requested.
+        npages: u64,
+    },
+    /// An existing slot cannot be changed this way.
+    #[error("slot {slot:#x}: cannot change {what:?} of an existing slot")]
+    IllegalChange {
+        /// The raw slot field.
+        slot: u32,
+        /// The offending field.
+        what: IllegalChange,
+    },
+    /// The new range overlaps another slot of the same address space.
+    #[error("slot {slot:#x}: gfns {base_gfn:#x}+{npages:#x} overlap slot {other:#x}")]
+    Overlap {
+        /// The raw slot field.
+        slot: u32,
+        /// Requested base gfn.
+        base_gfn: u64,
+        /// Requested pages.
+        npages: u64,
+        /// The raw slot field of the first overlapping slot.
+        other: u32,
+    },
+    /// The slot would reach beyond the highest guest frame (x86 arch prepare).
+    #[error("last gfn {last_gfn:#x} is above the maximum {max_gfn:#x}")]
+    GfnBeyondMax {
+        /// The slot's last gfn.
+        last_gfn: u64,
+        /// The maximum.
+        max_gfn: u64,
+    },
+    /// Memory allocation failed.
+    #[error("out of memory ({bytes} bytes)")]
+    NoMemory {
+        /// The failed allocation's size.
+        bytes: usize,
+    },
+    /// The arch prepare hook refused; nothing changed.
+    #[error("arch prepare failed: {0}")]
+    Arch(Errno),
+    /// Dirty-log operation on a slot that does not exist or has no dirty bitmap.
+    #[error("slot {slot:#x} has no dirty bitmap")]
+    NoDirtyBitmap {
+        /// The raw slot field.
+        slot: u32,
+    },
+    /// Dirty bitmaps are not in use (dirty rings without ring-with-bitmap).
+    #[error("dirty bitmaps are not in use (dirty rings are)")]
+    DirtyBitmapsUnavailable,
+    /// `first_page` of a clear is not a multiple of 64.
+    #[error("first_page {first_page} is not a multiple of 64")]
+    UnalignedFirstPage {
+        /// The first page.
+        first_page: u64,
+    },
+    /// The clear range is outside the slot or ends unaligned before its end.
+    #[error("clear range {first_page}+{num_pages} invalid for a slot of {npages} pages")]
+    BadClearRange {
+        /// The first page.
+        first_page: u64,
+        /// The number of pages.
+        num_pages: u64,
+        /// The slot's pages.
+        npages: u64,
+    },
+    /// The caller's bitmap is shorter than the range needs.
+    #[error("bitmap of {got} words is shorter than the {need} needed")]
+    BitmapTooShort {
+        /// Words given.
+        got: usize,
+        /// Words needed.
+        need: usize,
+    },
+    /// Unknown capability arguments.
+    #[error("capability arguments {args:#x} not accepted")]
+    InvalidCapArgs {
+        /// The arguments.
+        args: u64,
+    },
+    /// Dirty ring size not a power of two, below a page, or set twice / after vCPUs.
+    #[error("dirty ring size {bytes} bytes not accepted: {why}")]
+    BadRingSize {
+        /// The size in bytes.
+        bytes: u64,
+        /// Why.
+        why: &'static str,
+    },
+    /// Dirty ring larger than 65536 entries.
+    #[error("dirty ring size {bytes} bytes exceeds 65536 entries")]
+    RingTooBig {
+        /// The size in bytes.
+        bytes: u64,
+    },
+}
+
+impl Error {
+    /// The errno KVM returns for this error.
+    pub fn errno(&self) -> Errno {
+        match self {
+            Error::NoDirtyBitmap { .. } => Errno::ENOENT,
+            Error::Overlap { .. } => Errno::EEXIST,
+            Error::NoMemory { .. } => Errno::ENOMEM,
+            Error::Arch(e) => *e,
+            Error::DirtyBitmapsUnavailable => Errno::ENXIO,
+            Error::RingTooBig { .. } => Errno::E2BIG,
+            Error::BitmapTooShort { .. } => Errno::EFAULT,
+            _ => Errno::EINVAL,
+        }
+    }
+}
+
+/// Why a guest frame has no host address (`KVM_HVA_ERR_BAD` and friends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum HvaError {
+    /// No slot covers the gfn: an MMIO access for a vCPU.
+    #[error("no memslot covers the gfn")]
+    NoSlot,
+    /// The covering slot is being deleted or moved (INVALID): also MMIO.
+    #[error("the memslot is invalid (being deleted or moved)")]
+    Invalid,
+    /// A write to a READONLY slot: MMIO for a vCPU.
+    #[error("write to a read-only memslot")]
+    ReadOnly,
+}

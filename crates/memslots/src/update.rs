@@ -1,0 +1,336 @@
+//! `KVM_SET_USER_MEMORY_REGION(2)`: validation in the kernel's order with the
+//! kernel's errors, classification, and the two-set update protocol
+//! (`__kvm_set_memory_region` and `kvm_set_memslot` in `virt/kvm/kvm_main.c`).
+
+use crate::arch::{ArchHooks, SlotDraft};
+use crate::config::{PAGE_SHIFT, PAGE_SIZE};
+use crate::dirty::DirtyBitmap;
+use crate::error::{Error, IllegalChange};
+use crate::region::{
+    MemoryChange, Outcome, SlotId, UserMemoryRegion, UserMemoryRegion2, KVM_MEMSLOT_INVALID, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
+};
+use crate::slot::{GuestMemfd, MemorySlot, SlotDesc};
+use crate::sync::lock;
+use crate::vm::{Vm, WriterState};
+use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
+
+type Slot<H> = MemorySlot<<H as ArchHooks>::SlotData>;
+
+impl<H: ArchHooks> Vm<H> {
+    /// `KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move, or change
+    /// the flags of a slot. Only LOG_DIRTY_PAGES and READONLY are accepted.
+    ///
+    /// On error nothing changed. Returns what the request did.
+    ///
+    /// ```
+    /// use memslots::{Config, Vm, UserMemoryRegion, MemoryChange, Outcome};
+    /// let vm = Vm::new(Config::default()).unwrap();
+    /// let r = UserMemoryRegion::new(0, 0, 0x10_0000, 0x20_0000, 0x7f00_0000_0000);
+    /// assert_eq!(vm.set_user_memory_region(&r), Ok(Outcome::Changed(MemoryChange::Create)));
+    /// assert_eq!(vm.set_user_memory_region(&r), Ok(Outcome::Unchanged));
+    /// let err = vm.set_user_memory_region(&UserMemoryRegion::new(1, 0, 0x10_0000, 0x1000, 0x1000)).unwrap_err();
+    /// assert_eq!(err.errno(), memslots::Errno::EEXIST);
+    /// ```
+    pub fn set_user_memory_region(&self, mem: &UserMemoryRegion) -> Result<Outcome, Error> {
+        if mem.flags & !KVM_SET_USER_MEMORY_REGION_V1_FLAGS != 0 {
+            return Err(Error::InvalidFlags { flags: mem.flags, valid: KVM_SET_USER_MEMORY_REGION_V1_FLAGS });
+        }
+        self.set_memory_region(&UserMemoryRegion2::from(*mem), true)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION2`: as v1, plus guest_memfd for VMs with private memory.
+    pub fn set_user_memory_region2(&self, mem: &UserMemoryRegion2) -> Result<Outcome, Error> {
+        self.set_memory_region(mem, true)
+    }
+
+    /// Like [`set_user_memory_region2`](Self::set_user_memory_region2) but for
+    /// any id below the total number of ids, including the internal slots
+    /// above the user ones (KVM's `__x86_set_memory_region`, used for the APIC
+    /// access page, identity map and TSS).
+    pub fn set_memory_region_internal(&self, mem: &UserMemoryRegion2) -> Result<Outcome, Error> {
+        self.set_memory_region(mem, false)
+    }
+
+    fn set_memory_region(&self, mem: &UserMemoryRegion2, user: bool) -> Result<Outcome, Error> {
+        let sid = SlotId::from_raw(mem.slot);
+        if user && sid.id >= self.config.user_slots {
+            return Err(Error::SlotIdOutOfRange { slot: mem.slot, id: sid.id, limit: self.config.user_slots });
+        }
+        let mut w = lock(&self.writer);
+        self.set_memory_region_locked(&mut w, mem)
+    }
+
+    /// `check_memory_region_flags`.
+    fn check_flags(&self, mem: &UserMemoryRegion2) -> Result<(), Error> {
+        let mut valid = KVM_MEM_LOG_DIRTY_PAGES;
+        if self.config.private_mem {
+            valid |= KVM_MEM_GUEST_MEMFD;
+        }
+        // Dirty logging of private memory is not supported.
+        if mem.flags & KVM_MEM_GUEST_MEMFD != 0 {
+            valid &= !KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        // READONLY is incompatible with guest_memfd.
+        if self.config.readonly_mem && mem.flags & KVM_MEM_GUEST_MEMFD == 0 {
+            valid |= KVM_MEM_READONLY;
+        }
+        if mem.flags & !valid != 0 {
+            return Err(Error::InvalidFlags { flags: mem.flags, valid });
+        }
+        Ok(())
+    }
+
+    /// `__kvm_set_memory_region`: the checks, in the kernel's order.
+    fn set_memory_region_locked(&self, w: &mut WriterState, mem: &UserMemoryRegion2) -> Result<Outcome, Error> {
+        self.check_flags(mem)?;
+        let SlotId { as_id, id } = SlotId::from_raw(mem.slot);
+        let size = mem.memory_size;
+        if size & (PAGE_SIZE - 1) != 0 {
+            return Err(Error::UnalignedSize { size });
+        }
+        if mem.guest_phys_addr & (PAGE_SIZE - 1) != 0 {
+            return Err(Error::UnalignedGuestPhysAddr { gpa: mem.guest_phys_addr });
+        }
+        // access_ok(): [addr, addr + size) inside user space, no wrap.
+        let hva = mem.userspace_addr;
+        let limit = self.config.user_addr_limit;
+        let hva_ok = hva & (PAGE_SIZE - 1) == 0 && hva.checked_add(size).is_some_and(|end| end <= limit);
+        if !hva_ok {
+            return Err(Error::BadUserspaceAddr { hva, size, limit });
+        }
+        let gmem = mem.flags & KVM_MEM_GUEST_MEMFD != 0;
+        if gmem && (mem.guest_memfd_offset & (PAGE_SIZE - 1) != 0 || mem.guest_memfd_offset.checked_add(size).is_none())
+        {
+            return Err(Error::BadGuestMemfdOffset { offset: mem.guest_memfd_offset, size });
+        }
+        if as_id >= self.config.nr_address_spaces {
+            return Err(Error::AddressSpaceOutOfRange { slot: mem.slot, as_id, nr: self.config.nr_address_spaces });
+        }
+        if id >= self.config.mem_slots_num {
+            return Err(Error::SlotIdOutOfRange { slot: mem.slot, id, limit: self.config.mem_slots_num });
+        }
+        if mem.guest_phys_addr.checked_add(size).is_none() {
+            return Err(Error::GuestRangeWraps { gpa: mem.guest_phys_addr, size });
+        }
+        let npages = size >> PAGE_SHIFT;
+        // Internal slots are exempt (they never log dirty pages).
+        if id < self.config.user_slots && npages > self.config.max_pages_per_slot {
+            return Err(Error::TooManyPages { npages, max: self.config.max_pages_per_slot });
+        }
+
+        let space = &self.spaces[usize::from(as_id)];
+        // SAFETY: we hold the writer lock.
+        let old: Option<Arc<Slot<H>>> = unsafe { space.with_active_writer(|set| set.id_to_memslot(id).cloned()) };
+
+        if size == 0 {
+            let Some(old) = old else {
+                return Err(Error::DeleteNonexistent { slot: mem.slot });
+            };
+            self.set_memslot(w, as_id, Some(old), None, MemoryChange::Delete)?;
+            return Ok(Outcome::Changed(MemoryChange::Delete));
+        }
+
+        let base_gfn = mem.guest_phys_addr >> PAGE_SHIFT;
+        let change = match &old {
+            None => {
+                if w.nr_memslot_pages.checked_add(npages).is_none() {
+                    return Err(Error::TotalPagesOverflow { total: w.nr_memslot_pages, npages });
+                }
+                MemoryChange::Create
+            }
+            Some(old) => {
+                let slot = mem.slot;
+                let illegal = |what| Err(Error::IllegalChange { slot, what });
+                if gmem {
+                    return illegal(IllegalChange::GuestMemfd);
+                }
+                if mem.userspace_addr != old.userspace_addr {
+                    return illegal(IllegalChange::UserspaceAddr);
+                }
+                if npages != old.npages {
+                    return illegal(IllegalChange::Size);
+                }
+                if (mem.flags ^ old.flags) & KVM_MEM_READONLY != 0 {
+                    return illegal(IllegalChange::ReadonlyFlag);
+                }
+                if base_gfn != old.base_gfn {
+                    MemoryChange::Move
+                } else if mem.flags != old.flags {
+                    MemoryChange::FlagsOnly
+                } else {
+                    return Ok(Outcome::Unchanged);
+                }
+            }
+        };
+
+        if matches!(change, MemoryChange::Create | MemoryChange::Move) {
+            // SAFETY: we hold the writer lock.
+            let other = unsafe { space.with_active_writer(|set| first_overlap(set, id, base_gfn, npages)) };
+            if let Some(other) = other {
+                return Err(Error::Overlap { slot: mem.slot, base_gfn, npages, other });
+            }
+        }
+
+        let desc = SlotDesc {
+            base_gfn,
+            npages,
+            userspace_addr: mem.userspace_addr,
+            flags: mem.flags,
+            id,
+            as_id,
+            guest_memfd: gmem.then_some(GuestMemfd { fd: mem.guest_memfd, offset: mem.guest_memfd_offset }),
+        };
+        self.set_memslot(w, as_id, old, Some(desc), change)?;
+        Ok(Outcome::Changed(change))
+    }
+
+    /// Publishes the inactive set of `as_id` and waits for readers of the old one.
+    fn swap(&self, as_id: u16) {
+        let space = &self.spaces[usize::from(as_id)];
+        // SAFETY: every caller holds the writer lock.
+        let gen = unsafe { space.swap(&self.srcu) };
+        self.hooks.memslots_updated(as_id, gen);
+    }
+
+    /// Runs `f` on the inactive set of `as_id`.
+    fn with_inactive(&self, as_id: u16, f: impl FnOnce(&mut crate::set::MemslotSet<H::SlotData>)) {
+        let space = &self.spaces[usize::from(as_id)];
+        // SAFETY: every caller holds the writer lock, and every swap waits for a
+        // grace period, so the inactive set has no readers.
+        unsafe { space.with_inactive_mut(f) }
+    }
+
+    /// `kvm_activate_memslot`: swap, then replay `old -> new` on the now
+    /// inactive set so both sets agree again.
+    fn activate(&self, as_id: u16, old: Option<&Arc<Slot<H>>>, new: Option<&Arc<Slot<H>>>) {
+        self.swap(as_id);
+        self.with_inactive(as_id, |set| set.replace(old, new));
+    }
+
+    /// `kvm_prepare_memory_region`: the dirty bitmap decision, the x86 arch
+    /// checks, then the arch hook.
+    fn prepare(
+        &self,
+        w: &WriterState,
+        change: MemoryChange,
+        old: Option<&Slot<H>>,
+        draft: Option<&mut SlotDraft<H::SlotData>>,
+    ) -> Result<Option<Arc<DirtyBitmap>>, Error> {
+        let mut bitmap = None;
+        if let Some(new) = draft.as_deref() {
+            if new.desc.logs_dirty_pages() {
+                if let Some(b) = old.and_then(|o| o.dirty_bitmap.as_ref()) {
+                    bitmap = Some(Arc::clone(b));
+                } else if self.use_dirty_bitmap(w) {
+                    let initially_set = w.manual_protect & crate::dirty_log::KVM_DIRTY_LOG_INITIALLY_SET != 0;
+                    bitmap = Some(Arc::new(DirtyBitmap::try_new(new.desc.npages, initially_set)?));
+                }
+            }
+            // x86 kvm_arch_prepare_memory_region: the slot must end below the
+            // highest gfn the MMU can map.
+            if matches!(change, MemoryChange::Create | MemoryChange::Move) {
+                let last_gfn = new.desc.base_gfn + (new.desc.npages - 1);
+                if last_gfn > self.config.max_gfn {
+                    return Err(Error::GfnBeyondMax { last_gfn, max_gfn: self.config.max_gfn });
+                }
+            }
+        }
+        self.hooks.prepare_memory_region(change, old, draft).map_err(Error::Arch)?;
+        Ok(bitmap)
+    }
+
+    /// `kvm_set_memslot`: the update protocol.
+    fn set_memslot(
+        &self,
+        w: &mut WriterState,
+        as_id: u16,
+        old: Option<Arc<Slot<H>>>,
+        new: Option<SlotDesc>,
+        change: MemoryChange,
+    ) -> Result<(), Error> {
+        // DELETE and MOVE: publish an INVALID copy first so no vCPU creates new
+        // mappings of the old range, then flush what exists.
+        let invalid = match (&old, change) {
+            (Some(old), MemoryChange::Delete | MemoryChange::Move) => {
+                let mut desc = old.desc;
+                desc.flags |= KVM_MEMSLOT_INVALID;
+                let inv = Arc::new(MemorySlot { desc, dirty_bitmap: old.dirty_bitmap.clone(), arch: old.arch.clone() });
+                self.with_inactive(as_id, |set| set.replace(Some(old), Some(&inv)));
+                // Activate the INVALID slot without propagating it: the now
+                // inactive set keeps `old` until the change is made.
+                self.swap(as_id);
+                self.hooks.flush_shadow_memslot(&inv);
+                Some(inv)
+            }
+            _ => None,
+        };
+
+        let mut draft = new.map(|desc| SlotDraft {
+            desc,
+            arch: match (change, &old) {
+                (MemoryChange::FlagsOnly, Some(o)) => o.arch.clone(),
+                _ => H::SlotData::default(),
+            },
+        });
+        let bitmap = match self.prepare(w, change, old.as_deref(), draft.as_mut()) {
+            Ok(b) => b,
+            Err(e) => {
+                if let (Some(inv), Some(old)) = (&invalid, &old) {
+                    // Reinstall the old slot (seed 002): the inactive set has
+                    // it; activate it and replay on the other set.
+                    self.activate(as_id, Some(inv), Some(old));
+                }
+                return Err(e);
+            }
+        };
+        let new = draft.map(|d| Arc::new(MemorySlot { desc: d.desc, dirty_bitmap: bitmap, arch: d.arch }));
+
+        match change {
+            MemoryChange::Create => {
+                self.with_inactive(as_id, |set| set.replace(None, new.as_ref()));
+                self.activate(as_id, None, new.as_ref());
+            }
+            MemoryChange::Delete | MemoryChange::Move => {
+                // The inactive set still holds `old`, the active one the INVALID copy.
+                self.with_inactive(as_id, |set| set.replace(old.as_ref(), new.as_ref()));
+                self.activate(as_id, invalid.as_ref(), new.as_ref());
+            }
+            MemoryChange::FlagsOnly => {
+                self.with_inactive(as_id, |set| set.replace(old.as_ref(), new.as_ref()));
+                self.activate(as_id, old.as_ref(), new.as_ref());
+            }
+        }
+
+        // kvm_commit_memory_region: account pages first, then the arch hook.
+        match (change, &old, &new) {
+            (MemoryChange::Delete, Some(o), _) => w.nr_memslot_pages -= o.npages,
+            (MemoryChange::Create, _, Some(n)) => w.nr_memslot_pages += n.npages,
+            _ => {}
+        }
+        self.total_pages.store(w.nr_memslot_pages, Ordering::Relaxed);
+        self.hooks.commit_memory_region(change, old.as_deref(), new.as_deref());
+        Ok(())
+    }
+}
+
+/// `kvm_check_memslot_overlap`: the first slot other than `id` intersecting
+/// `[base_gfn, base_gfn + npages)`.
+fn first_overlap<D>(set: &crate::set::MemslotSet<D>, id: u16, base_gfn: u64, npages: u64) -> Option<u32> {
+    let end = base_gfn + npages;
+    for (base, e) in set.gfn_iter_from(base_gfn) {
+        if base >= end {
+            break;
+        }
+        if base + e.npages <= base_gfn {
+            continue;
+        }
+        // SAFETY: the writer holds the lock; the slot is owned by the set.
+        let s = unsafe { e.slot.as_ref() };
+        if s.id != id {
+            return Some(s.slot());
+        }
+    }
+    None
+}

@@ -1,0 +1,197 @@
+//! Per-vCPU handles: a reader record of their own, a current address space,
+//! and a last-used-slot cache tagged with the generation it was filled under
+//! (KVM's `vcpu->last_used_slot` / `last_used_slot_gen`). The per-vCPU path
+//! never writes the VM-wide cache, so vCPUs do not bounce its cache line.
+
+use crate::arch::ArchHooks;
+use crate::error::HvaError;
+use crate::lookup::{entry_to_hva, ReadGuard};
+use crate::slot::MemorySlot;
+use crate::srcu::{ReaderRecord, GEN_UPDATE_IN_PROGRESS};
+use crate::sync::Arc;
+use crate::vm::Vm;
+use core::cell::Cell;
+use core::ptr::NonNull;
+
+type Slot<H> = MemorySlot<<H as ArchHooks>::SlotData>;
+
+/// The vCPU's cached slot: copies of what a translation needs, and the slot
+/// pointer (dereferenced only inside a read section after the generation
+/// check). `npages == 0` means empty.
+struct Cache<D> {
+    gen: u64,
+    base_gfn: u64,
+    npages: u64,
+    hva: u64,
+    flags: u32,
+    slot: Option<NonNull<MemorySlot<D>>>,
+}
+
+impl<D> Clone for Cache<D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D> Copy for Cache<D> {}
+
+impl<D> Cache<D> {
+    const EMPTY: Self = Cache { gen: 0, base_gfn: 0, npages: 0, hva: 0, flags: 0, slot: None };
+}
+
+/// A vCPU's view of the VM's memslots.
+///
+/// `Send` but not `Sync`: one vCPU thread uses it.
+pub struct Vcpu<'a, H: ArchHooks> {
+    vm: &'a Vm<H>,
+    record: Arc<ReaderRecord>,
+    as_id: u16,
+    cache: Cell<Cache<H::SlotData>>,
+}
+
+// SAFETY: the cached pointer is only dereferenced inside a read section after
+// checking the generation (so it points into the live active set); moving the
+// handle to another thread does not change that. `H::SlotData: Sync` lets the
+// slot be shared.
+unsafe impl<H: ArchHooks> Send for Vcpu<'_, H> {}
+
+impl<H: ArchHooks> core::fmt::Debug for Vcpu<'_, H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vcpu").field("as_id", &self.as_id).finish_non_exhaustive()
+    }
+}
+
+impl<H: ArchHooks> Vm<H> {
+    /// A vCPU handle, looking up in address space 0.
+    pub fn vcpu(&self) -> Vcpu<'_, H> {
+        Vcpu { vm: self, record: self.srcu.register(), as_id: 0, cache: Cell::new(Cache::EMPTY) }
+    }
+}
+
+impl<H: ArchHooks> Drop for Vcpu<'_, H> {
+    fn drop(&mut self) {
+        self.vm.srcu.unregister(&self.record);
+    }
+}
+
+impl<'a, H: ArchHooks> Vcpu<'a, H> {
+    /// The VM.
+    pub fn vm(&self) -> &'a Vm<H> {
+        self.vm
+    }
+
+    /// The address space lookups use (x86: 1 while in SMM).
+    pub fn address_space(&self) -> u16 {
+        self.as_id
+    }
+
+    /// Switches the current address space. Errors (EINVAL) if it does not exist.
+    pub fn set_address_space(&mut self, as_id: u16) -> Result<(), crate::Error> {
+        if as_id >= self.vm.config.nr_address_spaces {
+            return Err(crate::Error::AddressSpaceOutOfRange {
+                slot: u32::from(as_id) << 16,
+                as_id,
+                nr: self.vm.config.nr_address_spaces,
+            });
+        }
+        self.as_id = as_id;
+        Ok(())
+    }
+
+    /// Enters a read section on this vCPU's own record.
+    #[inline]
+    pub fn read(&self) -> VcpuGuard<'_, 'a, H> {
+        VcpuGuard { vcpu: self, guard: ReadGuard::new(self.vm, &self.record) }
+    }
+
+    /// `kvm_vcpu_gfn_to_hva`: host address of `gfn` in the current address
+    /// space, for a write. The cached case costs one atomic load and a range
+    /// check, and needs no read section (it returns copies).
+    #[inline]
+    pub fn gfn_to_hva(&self, gfn: u64) -> Result<u64, HvaError> {
+        self.translate(gfn, true).map(|(hva, _)| hva)
+    }
+
+    /// `kvm_vcpu_gfn_to_hva_prot`: host address for a read, and whether writable.
+    #[inline]
+    pub fn gfn_to_hva_prot(&self, gfn: u64) -> Result<(u64, bool), HvaError> {
+        let (hva, flags) = self.translate(gfn, false)?;
+        Ok((hva, flags & crate::KVM_MEM_READONLY == 0))
+    }
+
+    #[inline]
+    fn translate(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
+        let space = &self.vm.spaces[usize::from(self.as_id)];
+        let c = self.cache.get();
+        // The generation is that of the active set: equal means no publish has
+        // started since the cache was filled, so the copies are current.
+        if gfn.wrapping_sub(c.base_gfn) < c.npages && space.generation() == c.gen {
+            return entry_to_hva(c.base_gfn, (c.npages, c.hva, c.flags), gfn, write).map(|h| (h, c.flags));
+        }
+        self.translate_slow(gfn, write)
+    }
+
+    #[cold]
+    fn translate_slow(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
+        let guard = self.read();
+        let hit = guard.lookup(gfn).ok_or(HvaError::NoSlot)?;
+        entry_to_hva(hit.base_gfn, (hit.npages, hit.hva, hit.flags), gfn, write).map(|h| (h, hit.flags))
+    }
+}
+
+/// A read section of a vCPU: lookups use and fill the vCPU's cache.
+pub struct VcpuGuard<'v, 'a, H: ArchHooks> {
+    vcpu: &'v Vcpu<'a, H>,
+    guard: ReadGuard<'v, H>,
+}
+
+impl<H: ArchHooks> core::fmt::Debug for VcpuGuard<'_, '_, H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VcpuGuard").finish_non_exhaustive()
+    }
+}
+
+impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
+    /// `kvm_vcpu_gfn_to_memslot`: the slot covering `gfn` in the vCPU's
+    /// current address space (possibly INVALID). Fills the vCPU cache, never
+    /// the VM-wide one.
+    #[inline]
+    pub fn gfn_to_memslot(&self, gfn: u64) -> Option<&Slot<H>> {
+        let c = self.lookup(gfn)?;
+        // SAFETY: `lookup` returns a cache whose generation equals the active
+        // set's generation read inside this section, or one it just filled
+        // from the active set: the slot is owned by the active set, which
+        // stays alive and unchanged until this section ends.
+        c.slot.map(|p| unsafe { p.as_ref() })
+    }
+
+    /// The same for an explicit address space (does not change the current one).
+    pub fn gfn_to_memslot_in(&self, as_id: u16, gfn: u64) -> Option<&Slot<H>> {
+        let p = self.guard.set(as_id)?.search(gfn)?.1.slot;
+        // SAFETY: owned by the active set of this section.
+        Some(unsafe { p.as_ref() })
+    }
+
+    /// The VM-wide read guard (for the other lookups).
+    pub fn vm_guard(&self) -> &ReadGuard<'v, H> {
+        &self.guard
+    }
+
+    fn lookup(&self, gfn: u64) -> Option<Cache<H::SlotData>> {
+        let vcpu = self.vcpu;
+        let space = &vcpu.vm.spaces[usize::from(vcpu.as_id)];
+        // Read the generation before the set: if a publish races, the
+        // generation we tag with is already stale and never validates again.
+        let gen = space.generation();
+        let c = vcpu.cache.get();
+        if gen == c.gen && gfn.wrapping_sub(c.base_gfn) < c.npages {
+            return Some(c);
+        }
+        let set = self.guard.set(vcpu.as_id)?;
+        let (base, e) = set.search(gfn)?;
+        let fresh = Cache { gen, base_gfn: base, npages: e.npages, hva: e.hva, flags: e.flags, slot: Some(e.slot) };
+        if gen & GEN_UPDATE_IN_PROGRESS == 0 {
+            vcpu.cache.set(fresh);
+        }
+        Some(fresh)
+    }
+}

@@ -1,0 +1,174 @@
+//! The VM: its address spaces (each a pair of memslot sets), the grace-period
+//! domain readers register with, the writer lock and the arch hooks.
+
+use crate::arch::{ArchHooks, NoArch};
+use crate::config::Config;
+use crate::error::Error;
+use crate::set::MemslotSet;
+use crate::slot::MemorySlot;
+use crate::srcu::{Srcu, TwoSets};
+use crate::sync::{lock, Mutex};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// State only the writer touches (KVM: protected by `slots_lock`).
+#[derive(Debug, Default)]
+pub(crate) struct WriterState {
+    /// Sum of pages over all slots of all address spaces (`nr_memslot_pages`).
+    pub(crate) nr_memslot_pages: u64,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` arguments in force.
+    pub(crate) manual_protect: u64,
+    /// Dirty ring size in bytes (0: rings off).
+    pub(crate) dirty_ring_size: u32,
+    /// Dirty rings with bitmaps too (`KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`).
+    pub(crate) ring_with_bitmap: bool,
+}
+
+/// A VM's memslots. Shared between threads (`&Vm` is `Send + Sync`): vCPU
+/// threads look up through [`Vcpu`](crate::Vcpu) handles or [`Vm::read`]
+/// while one writer at a time changes slots with
+/// [`set_user_memory_region`](Vm::set_user_memory_region).
+pub struct Vm<H: ArchHooks = NoArch> {
+    pub(crate) config: Config,
+    pub(crate) spaces: Box<[TwoSets<MemslotSet<H::SlotData>>]>,
+    pub(crate) srcu: Srcu,
+    pub(crate) writer: Mutex<WriterState>,
+    pub(crate) hooks: H,
+    /// Mirror of `WriterState::nr_memslot_pages` for lock-free statistics.
+    pub(crate) total_pages: AtomicU64,
+    /// Mirror of `WriterState::manual_protect`, read by markers.
+    pub(crate) manual_protect: AtomicU64,
+}
+
+impl<H: ArchHooks> core::fmt::Debug for Vm<H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Memory used by the memslot metadata (not guest memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Slots in all address spaces.
+    pub slots: usize,
+    /// Bytes of the `Vm` itself and its per-address-space arrays.
+    pub fixed_bytes: usize,
+    /// Bytes of slot objects (one copy per slot, shared by both sets).
+    pub slot_bytes: usize,
+    /// Bytes of the sets' indexes (gfn index, hva tree, id map), both sets.
+    pub index_bytes: usize,
+    /// Bytes of dirty bitmaps.
+    pub bitmap_bytes: usize,
+}
+
+impl MemoryUsage {
+    /// All metadata bytes.
+    pub fn total(&self) -> usize {
+        self.fixed_bytes + self.slot_bytes + self.index_bytes + self.bitmap_bytes
+    }
+    /// Metadata bytes per slot, excluding the fixed part and bitmaps.
+    pub fn bytes_per_slot(&self) -> f64 {
+        if self.slots == 0 {
+            return 0.0;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let r = (self.slot_bytes + self.index_bytes) as f64 / self.slots as f64;
+        r
+    }
+}
+
+impl Vm<NoArch> {
+    /// A VM with no arch hooks.
+    pub fn new(config: Config) -> Result<Self, Error> {
+        Vm::with_hooks(config, NoArch)
+    }
+}
+
+impl<H: ArchHooks> Vm<H> {
+    /// A VM whose changes go through `hooks`.
+    pub fn with_hooks(config: Config, hooks: H) -> Result<Self, Error> {
+        config.validate()?;
+        let nr = u64::from(config.nr_address_spaces);
+        let spaces: Vec<_> =
+            (0..nr).map(|as_id| TwoSets::new(MemslotSet::new(), MemslotSet::new(), as_id, nr)).collect();
+        Ok(Vm {
+            config,
+            spaces: spaces.into_boxed_slice(),
+            srcu: Srcu::new(),
+            writer: Mutex::new(WriterState::default()),
+            hooks,
+            total_pages: AtomicU64::new(0),
+            manual_protect: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The arch hooks.
+    pub fn hooks(&self) -> &H {
+        &self.hooks
+    }
+
+    /// Number of address spaces.
+    pub fn nr_address_spaces(&self) -> u16 {
+        self.config.nr_address_spaces
+    }
+
+    /// Pages over all slots (`kvm->nr_memslot_pages`).
+    pub fn nr_memslot_pages(&self) -> u64 {
+        self.total_pages.load(Ordering::Relaxed)
+    }
+
+    /// Current generation of address space `as_id` (bit 63 set while an
+    /// update is in progress), or `None` if it does not exist.
+    pub fn generation(&self, as_id: u16) -> Option<u64> {
+        self.spaces.get(usize::from(as_id)).map(TwoSets::generation)
+    }
+
+    /// Registered reader handles (vCPUs and [`Reader`](crate::Reader)s).
+    pub fn registered_readers(&self) -> usize {
+        self.srcu.registered()
+    }
+
+    /// Metadata memory in use, measured from the live structures.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        let _w = lock(&self.writer);
+        let mut u = MemoryUsage {
+            fixed_bytes: core::mem::size_of::<Self>()
+                + self.spaces.len() * core::mem::size_of::<TwoSets<MemslotSet<H::SlotData>>>(),
+            ..MemoryUsage::default()
+        };
+        for space in self.spaces.iter() {
+            // SAFETY: we hold the writer lock; both sets are only read here, and
+            // the inactive one is not being mutated by anyone else.
+            unsafe {
+                space.with_active_writer(|set| {
+                    u.slots += set.len();
+                    u.index_bytes += set.heap_bytes();
+                    for s in set.slots_by_id() {
+                        u.slot_bytes +=
+                            core::mem::size_of::<MemorySlot<H::SlotData>>() + 2 * core::mem::size_of::<usize>();
+                        u.bitmap_bytes += s.dirty_bitmap().map_or(0, crate::dirty::DirtyBitmap::heap_bytes);
+                    }
+                });
+                space.with_inactive_mut(|set| u.index_bytes += set.heap_bytes());
+            }
+        }
+        u
+    }
+}
+
+impl<H: ArchHooks> Drop for Vm<H> {
+    fn drop(&mut self) {
+        for space in self.spaces.iter_mut() {
+            space.both_mut(|a, b| {
+                a.clear();
+                b.clear();
+            });
+        }
+    }
+}
