@@ -33,7 +33,9 @@ struct ReplayArgs {
     /// User slots per address space (KVM_CAP_NR_MEMSLOTS).
     #[arg(long, default_value_t = memslots::KVM_USER_MEM_SLOTS)]
     user_slots: u16,
-    /// Host physical address bits (x86 kvm_mmu_max_gfn); default: this host's, else 48.
+    /// Guest physical address bits the MMU maps (x86 kvm_mmu_max_gfn: the host's
+    /// MAXPHYADDR with EPT/NPT, 52 with shadow paging). Default: probed from this
+    /// host's KVM, else the CPU's physical address bits, else 48.
     #[arg(long)]
     phys_bits: Option<u32>,
     /// Also replay on a fresh kernel VM (/dev/kvm) and print both verdicts
@@ -50,9 +52,12 @@ struct ReplayArgs {
 }
 
 fn replay(args: &ReplayArgs) -> Result<ExitCode> {
-    let phys_bits = args.phys_bits.unwrap_or_else(|| memslots_kvm::host_phys_bits().unwrap_or(48));
     let mut config = Config::x86_64().with_address_spaces(args.address_spaces).with_user_slots(args.user_slots);
-    config.max_gfn = Config::max_gfn_for_phys_bits(phys_bits);
+    config.max_gfn = match args.phys_bits {
+        Some(bits) => Config::max_gfn_for_phys_bits(bits),
+        None => memslots_kvm::probe_max_gfn()
+            .unwrap_or_else(|| Config::max_gfn_for_phys_bits(memslots_kvm::host_phys_bits().unwrap_or(48))),
+    };
     config.validate().context("invalid VM configuration")?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -27,9 +27,34 @@ pub fn host_phys_bits() -> Option<u32> {
     }
 }
 
+/// The highest gfn the host's KVM lets a slot reach (x86 `kvm_mmu_max_gfn()`:
+/// the host's MAXPHYADDR with TDP (EPT/NPT), 52 bits with shadow paging).
+/// Found by asking the kernel: a one-page slot just below `2^bits` is accepted
+/// for `bits` up to the limit. `None` if /dev/kvm is absent.
+pub fn probe_max_gfn() -> Option<u64> {
+    let kvm = Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    for bits in (32u32..=52).rev() {
+        let gpa = (1u64 << bits) - 0x1000;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0x1000,
+            userspace_addr: 0x1000_0000,
+        };
+        // SAFETY: a throwaway VM with no vCPU: the kernel records the host
+        // range and never accesses it.
+        if unsafe { vm.set_user_memory_region(region) }.is_ok() {
+            return Some((1u64 << (bits - 12)) - 1);
+        }
+    }
+    None
+}
+
 /// The memslot configuration a default VM on this host has: address spaces
 /// (KVM_CAP_MULTI_ADDRESS_SPACE), user slots (KVM_CAP_NR_MEMSLOTS), READONLY
-/// (KVM_CAP_READONLY_MEM), and the highest gfn. `None` if /dev/kvm is absent.
+/// (KVM_CAP_READONLY_MEM), and the highest gfn ([`probe_max_gfn`]). `None` if /dev/kvm is absent.
 pub fn host_config() -> Option<Config> {
     let kvm = Kvm::new().ok()?;
     let mut c = Config::x86_64();
@@ -42,7 +67,9 @@ pub fn host_config() -> Option<Config> {
         }
     }
     c.readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
-    if let Some(bits) = host_phys_bits() {
+    if let Some(max_gfn) = probe_max_gfn() {
+        c.max_gfn = max_gfn;
+    } else if let Some(bits) = host_phys_bits() {
         c.max_gfn = Config::max_gfn_for_phys_bits(bits);
     }
     Some(c)

@@ -6,5 +6,5 @@ pub mod host;
 pub mod kernel;
 pub mod sys;
 
-pub use host::{host_config, host_phys_bits, kvm_available};
+pub use host::{host_config, host_phys_bits, kvm_available, probe_max_gfn};
 pub use kernel::KernelVm;

@@ -92,6 +92,11 @@ impl<D> MemslotSet<D> {
             let old_ptr = ptr(old);
             let removed = self.by_id.remove(&old.id);
             debug_assert!(removed.is_some_and(|r| Arc::ptr_eq(&r, old)));
+            // Memory proportional to the slots in use: hash tables never shrink
+            // by themselves (amortised O(1): shrinking halves at least).
+            if new.is_none() && self.by_id.len() < self.by_id.capacity() / 4 {
+                self.by_id.shrink_to(self.by_id.len() * 2);
+            }
             let found = self.by_hva.remove(old.userspace_addr, old.hva_last(), SlotPtr(old_ptr));
             debug_assert!(found);
             // Readers of this set are gone (it is inactive and a grace period
