@@ -131,8 +131,12 @@ impl Srcu {
         // Store (phase) then load (counters): the writer's half of the handshake.
         fence(Ordering::SeqCst);
         Self::wait_zero(&self.shared.counts[old]);
-        let registry = lock(&self.registry);
-        for record in registry.iter() {
+        // Wait on a snapshot: a reader inside a section may register a new
+        // handle, which takes the registry lock. A record registered after the
+        // snapshot was registered after the flip (the lock orders them), so
+        // its sections see the new phase and need no waiting for.
+        let records: Vec<Arc<ReaderRecord>> = lock(&self.registry).clone();
+        for record in records.iter() {
             Self::wait_zero(&record.counts[old]);
         }
     }
