@@ -120,8 +120,10 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
 
     /// Every slot of `as_id` intersecting gfns `[start, end)`, in gfn order,
     /// in `O(log n + k)` (KVM's `kvm_for_each_memslot_in_gfn_range`).
+    /// An empty range (`start >= end`) yields nothing.
     pub fn slots_in_gfn_range(&self, as_id: u16, start: u64, end: u64) -> GfnRange<'_, H> {
-        GfnRange { inner: self.set(as_id).map(|s| s.gfn_iter_from(start)), start, end }
+        let inner = if start < end { self.set(as_id).map(|s| s.gfn_iter_from(start)) } else { None };
+        GfnRange { inner, start, end }
     }
 
     /// Every slot of `as_id` in gfn order.
@@ -141,9 +143,11 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
 
     /// Every slot, in any address space, whose host range intersects
     /// `[start, last]` (inclusive), via the hva interval trees. Within an
-    /// address space, slots come in ascending `userspace_addr` order.
+    /// address space, slots come in ascending `userspace_addr` order. An empty
+    /// range (`start > last`) yields nothing.
     pub fn slots_in_hva_range(&self, start: u64, last: u64) -> impl Iterator<Item = &Slot<H>> + '_ {
-        (0..self.vm.config.nr_address_spaces).flat_map(move |as_id| {
+        let nr = if start <= last { self.vm.config.nr_address_spaces } else { 0 };
+        (0..nr).flat_map(move |as_id| {
             self.set(as_id).into_iter().flat_map(move |set| {
                 set.hva_overlaps(start, last).map(|(_, _, p)| {
                     // SAFETY: owned by the active set, alive for the section.
