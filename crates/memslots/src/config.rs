@@ -36,6 +36,9 @@ pub struct Config {
     /// the host's physical address width). Checked by the x86 arch prepare
     /// step, after the overlap check.
     pub max_gfn: u64,
+    /// Dirty ring entries kept back for the soft limit (KVM_DIRTY_RING_RSVD_ENTRIES
+    /// plus the arch's dirty log size: x86 with PML adds 512).
+    pub dirty_ring_rsvd_entries: u32,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Config {
             readonly_mem: true,
             private_mem: false,
             max_gfn: Self::max_gfn_for_phys_bits(48),
+            dirty_ring_rsvd_entries: 64,
         }
     }
 

@@ -1,23 +1,39 @@
 //! Dirty page bitmaps (`KVM_MEM_LOG_DIRTY_PAGES`): one bit per page, set by
 //! `mark_page_dirty`, harvested by `get_dirty_log` / `clear_dirty_log`.
 //!
-//! Bits are set with an atomic OR and harvested with an atomic exchange (or
-//! AND-NOT for a clear), word by word, so a mark racing with a harvest is either
-//! returned by it or left set for the next one: no write is lost. A
-//! "possibly dirty" hint (seed 004) lets a harvest of a clean slot skip the walk.
+//! # No lost bits
+//!
+//! Markers always run inside a read section (as KVM's run under SRCU) and set
+//! bits with an atomic OR in the bitmap's *active* buffer. Harvesting:
+//!
+//! - **Take** (`get_dirty_log` without manual protect): flip the active buffer
+//!   (the spare one is all zeros), wait for a grace period so every marker that
+//!   could still write the old buffer has finished, then read the old buffer
+//!   with plain loads and zero it. No atomic read-modify-write per word, which
+//!   is what makes harvesting a 64 GiB slot fast. A mark either lands in the old
+//!   buffer before the grace period ends (taken now) or in the new one (taken
+//!   next time).
+//! - **Copy** (with manual protect): relaxed loads of the active buffer.
+//! - **Clear** (`clear_dirty_log`): fetch-and-andnot of the caller's mask on the
+//!   active buffer, only on words where the mask is non-zero; a mark made after
+//!   the caller's copy is never cleared unless the caller's mask had it.
+//!
+//! A "maybe dirty" hint (seed 004) lets a take of a clean bitmap return zeros
+//! without flipping or walking.
 
 use crate::error::Error;
 use crate::sync::Ordering;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
 /// One slot's dirty bitmap.
 #[derive(Debug)]
 pub struct DirtyBitmap {
-    words: Box<[AtomicU64]>,
+    bufs: [Box<[AtomicU64]>; 2],
+    active: AtomicUsize,
     npages: u64,
-    /// False only when no bit has been set since the last harvest took them.
+    /// False only when no bit has been set since the last take.
     maybe_dirty: AtomicBool,
 }
 
@@ -26,29 +42,33 @@ pub(crate) fn words_for(npages: u64) -> usize {
     usize::try_from(npages.div_ceil(64)).unwrap_or(usize::MAX)
 }
 
+fn try_zeroed(n: usize) -> Result<Box<[AtomicU64]>, Error> {
+    let mut v: Vec<AtomicU64> = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::NoMemory { bytes: n.saturating_mul(8) })?;
+    v.extend((0..n).map(|_| AtomicU64::new(0)));
+    Ok(v.into_boxed_slice())
+}
+
 impl DirtyBitmap {
     /// A bitmap of `npages` bits, all clear or (KVM's "initially set") all set.
-    /// Allocation failure is reported, not aborted on (`ENOMEM`).
+    /// Allocation failure is reported (`ENOMEM`), never aborted on. Like KVM,
+    /// it holds two buffers (KVM's second one is for the harvest copy).
     pub fn try_new(npages: u64, all_set: bool) -> Result<Self, Error> {
         let n = words_for(npages);
-        let bytes = n.saturating_mul(8);
-        let mut v: Vec<AtomicU64> = Vec::new();
-        v.try_reserve_exact(n).map_err(|_| Error::NoMemory { bytes })?;
-        v.extend((0..n).map(|_| AtomicU64::new(0)));
-        let b = DirtyBitmap { words: v.into_boxed_slice(), npages, maybe_dirty: AtomicBool::new(false) };
+        let b = DirtyBitmap {
+            bufs: [try_zeroed(n)?, try_zeroed(n)?],
+            active: AtomicUsize::new(0),
+            npages,
+            maybe_dirty: AtomicBool::new(false),
+        };
         if all_set {
-            b.set_all();
+            for (i, w) in b.bufs[0].iter().enumerate() {
+                let mask = if i + 1 == n { last_word_mask(npages) } else { u64::MAX };
+                w.store(mask, Ordering::Relaxed);
+            }
+            b.maybe_dirty.store(npages != 0, Ordering::SeqCst);
         }
         Ok(b)
-    }
-
-    fn set_all(&self) {
-        let n = self.words.len();
-        for (i, w) in self.words.iter().enumerate() {
-            let mask = if i + 1 == n { last_word_mask(self.npages) } else { u64::MAX };
-            w.store(mask, Ordering::Relaxed);
-        }
-        self.maybe_dirty.store(self.npages != 0, Ordering::SeqCst);
     }
 
     /// Pages covered.
@@ -58,50 +78,63 @@ impl DirtyBitmap {
 
     /// Words of the bitmap (`ceil(npages / 64)`).
     pub fn len_words(&self) -> usize {
-        self.words.len()
+        self.bufs[0].len()
     }
 
-    /// Marks page `rel` (relative to the slot's base gfn). Out-of-range pages are ignored.
     #[inline]
-    pub fn mark(&self, rel: u64) {
+    fn active_buf(&self) -> &[AtomicU64] {
+        &self.bufs[self.active.load(Ordering::Acquire) & 1]
+    }
+
+    /// Marks page `rel` (relative to the slot's base gfn); out-of-range pages
+    /// are ignored. The caller must be inside a read section of the VM that
+    /// owns the slot (every marking path of this crate is).
+    #[inline]
+    pub(crate) fn mark(&self, rel: u64) {
         if rel >= self.npages {
             return;
         }
         let (w, bit) = (word_index(rel), 1u64 << (rel % 64));
-        // SeqCst pairs with the harvester's hint store/word exchange (see module docs).
-        if self.words[w].load(Ordering::Relaxed) & bit == 0 {
-            self.words[w].fetch_or(bit, Ordering::SeqCst);
-        } else {
-            // Already set: a harvest that has not yet exchanged this word will return it.
-            core::sync::atomic::fence(Ordering::SeqCst);
+        let word = &self.active_buf()[w];
+        if word.load(Ordering::Relaxed) & bit == 0 {
+            word.fetch_or(bit, Ordering::Release);
         }
-        if !self.maybe_dirty.load(Ordering::SeqCst) {
-            self.maybe_dirty.store(true, Ordering::SeqCst);
+        // The hint is set after the bit, and a take clears the hint before
+        // flipping: a take that misses the hint also misses nothing.
+        if !self.maybe_dirty.load(Ordering::Relaxed) {
+            self.maybe_dirty.store(true, Ordering::Release);
         }
     }
 
-    /// Whether page `rel` is marked.
+    /// Whether page `rel` is marked in the active buffer.
     pub fn test(&self, rel: u64) -> bool {
-        rel < self.npages && self.words[word_index(rel)].load(Ordering::Acquire) & (1u64 << (rel % 64)) != 0
+        rel < self.npages && self.active_buf()[word_index(rel)].load(Ordering::Acquire) & (1u64 << (rel % 64)) != 0
     }
 
-    /// Whether a harvest may find something (the seed-004 hint).
+    /// Whether a take may find something (the seed-004 hint).
     pub fn maybe_dirty(&self) -> bool {
-        self.maybe_dirty.load(Ordering::SeqCst)
+        self.maybe_dirty.load(Ordering::Acquire)
     }
 
-    /// Takes and clears every bit, word by word, into `out` (KVM without manual protect).
-    /// Returns the number of set bits taken. `out` must have [`len_words`](Self::len_words) words.
-    pub fn take_into(&self, out: &mut [u64]) -> u64 {
+    /// Takes and clears every bit into `out` (KVM without manual protect).
+    /// `grace_period` must wait until every read section that started before
+    /// it was called has ended; the caller serialises takes (writer lock).
+    /// Returns the number of bits taken.
+    pub(crate) fn take_into(&self, out: &mut [u64], grace_period: impl FnOnce()) -> u64 {
         out.iter_mut().for_each(|o| *o = 0);
-        if !self.maybe_dirty.load(Ordering::SeqCst) {
+        if !self.maybe_dirty.load(Ordering::Acquire) {
             return 0;
         }
         self.maybe_dirty.store(false, Ordering::SeqCst);
+        let old = self.active.load(Ordering::Relaxed) & 1;
+        self.active.store(old ^ 1, Ordering::SeqCst);
+        grace_period();
         let mut taken = 0;
-        for (o, w) in out.iter_mut().zip(self.words.iter()) {
-            if w.load(Ordering::Relaxed) != 0 {
-                let v = w.swap(0, Ordering::SeqCst);
+        for (o, w) in out.iter_mut().zip(self.bufs[old].iter()) {
+            // No marker can write the old buffer any more: plain loads/stores.
+            let v = w.load(Ordering::Relaxed);
+            if v != 0 {
+                w.store(0, Ordering::Relaxed);
                 taken += u64::from(v.count_ones());
                 *o = v;
             }
@@ -109,20 +142,25 @@ impl DirtyBitmap {
         taken
     }
 
-    /// Copies the bitmap into `out` without clearing (KVM with manual protect).
+    /// Copies the active buffer into `out` without clearing (manual protect).
     pub fn copy_into(&self, out: &mut [u64]) {
-        for (o, w) in out.iter_mut().zip(self.words.iter()) {
-            *o = w.load(Ordering::SeqCst);
+        if !self.maybe_dirty.load(Ordering::Acquire) {
+            out.iter_mut().for_each(|o| *o = 0);
+            return;
+        }
+        for (o, w) in out.iter_mut().zip(self.active_buf().iter()) {
+            *o = w.load(Ordering::Acquire);
         }
     }
 
-    /// Clears, in words `first_word..`, the bits set in `mask` (fetch-and-andnot).
-    /// Returns how many bits were actually cleared.
-    pub fn clear_masked(&self, first_word: usize, mask: &[u64]) -> u64 {
+    /// Clears, from word `first_word` on, the bits set in `mask`
+    /// (fetch-and-andnot). Returns how many bits were actually cleared.
+    pub(crate) fn clear_masked(&self, first_word: usize, mask: &[u64]) -> u64 {
         let mut cleared = 0;
-        for (w, m) in self.words.iter().skip(first_word).zip(mask.iter()) {
-            if *m != 0 {
-                let old = w.fetch_and(!m, Ordering::SeqCst);
+        let buf = self.active_buf();
+        for (w, m) in buf.iter().skip(first_word).zip(mask.iter()) {
+            if *m != 0 && w.load(Ordering::Relaxed) & *m != 0 {
+                let old = w.fetch_and(!m, Ordering::AcqRel);
                 cleared += u64::from((old & m).count_ones());
             }
         }
@@ -131,7 +169,7 @@ impl DirtyBitmap {
 
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.words.len() * 8
+        self.bufs.iter().map(|b| b.len() * 8).sum()
     }
 }
 

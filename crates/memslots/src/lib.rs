@@ -93,6 +93,8 @@ pub mod lookup;
 #[cfg(not(loom))]
 pub mod region;
 #[cfg(not(loom))]
+pub mod ring;
+#[cfg(not(loom))]
 mod set;
 #[cfg(not(loom))]
 pub mod slot;
@@ -124,6 +126,8 @@ pub use region::{
     MemoryChange, Outcome, SlotId, UserMemoryRegion, UserMemoryRegion2, KVM_MEMSLOT_INVALID, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
+#[cfg(not(loom))]
+pub use ring::{DirtyMark, DirtyRing, RingEntry};
 #[cfg(not(loom))]
 pub use slot::{GuestMemfd, MemorySlot, SlotDesc};
 pub use srcu::GEN_UPDATE_IN_PROGRESS;

@@ -223,7 +223,7 @@ impl<H: ArchHooks> Vm<H> {
             if new.desc.logs_dirty_pages() {
                 if let Some(b) = old.and_then(|o| o.dirty_bitmap.as_ref()) {
                     bitmap = Some(Arc::clone(b));
-                } else if self.use_dirty_bitmap(w) {
+                } else if self.use_dirty_bitmap() {
                     let initially_set = w.manual_protect & crate::dirty_log::KVM_DIRTY_LOG_INITIALLY_SET != 0;
                     bitmap = Some(Arc::new(DirtyBitmap::try_new(new.desc.npages, initially_set)?));
                 }

@@ -46,6 +46,8 @@ pub struct Vcpu<'a, H: ArchHooks> {
     record: Arc<ReaderRecord>,
     as_id: u16,
     cache: Cell<Cache<H::SlotData>>,
+    id: u32,
+    pub(crate) ring: Option<Arc<crate::ring::DirtyRing>>,
 }
 
 // SAFETY: the cached pointer is only dereferenced inside a read section after
@@ -61,9 +63,21 @@ impl<H: ArchHooks> core::fmt::Debug for Vcpu<'_, H> {
 }
 
 impl<H: ArchHooks> Vm<H> {
-    /// A vCPU handle, looking up in address space 0.
+    /// A vCPU handle, looking up in address space 0. vCPUs are numbered in
+    /// creation order; with dirty rings enabled each gets its ring.
     pub fn vcpu(&self) -> Vcpu<'_, H> {
-        Vcpu { vm: self, record: self.srcu.register(), as_id: 0, cache: Cell::new(Cache::EMPTY) }
+        let mut reg = crate::sync::lock(&self.vcpus);
+        let id = reg.created;
+        reg.created += 1;
+        let bytes = u64::from(self.dirty_ring_bytes.load(core::sync::atomic::Ordering::Acquire));
+        let ring = (bytes != 0).then(|| {
+            let entries = u32::try_from(bytes / crate::ring::DIRTY_GFN_SIZE).unwrap_or(u32::MAX);
+            let ring = Arc::new(crate::ring::DirtyRing::new(entries, self.config.dirty_ring_rsvd_entries, id));
+            reg.rings.push(Arc::clone(&ring));
+            ring
+        });
+        drop(reg);
+        Vcpu { vm: self, record: self.srcu.register(), as_id: 0, cache: Cell::new(Cache::EMPTY), id, ring }
     }
 }
 
@@ -77,6 +91,16 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
     /// The VM.
     pub fn vm(&self) -> &'a Vm<H> {
         self.vm
+    }
+
+    /// This vCPU's number (creation order).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// This vCPU's dirty ring, if rings are enabled.
+    pub fn dirty_ring(&self) -> Option<&crate::ring::DirtyRing> {
+        self.ring.as_deref()
     }
 
     /// The address space lookups use (x86: 1 while in SMM).
@@ -174,6 +198,11 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
     /// The VM-wide read guard (for the other lookups).
     pub fn vm_guard(&self) -> &ReadGuard<'v, H> {
         &self.guard
+    }
+
+    /// The vCPU's dirty ring, if rings are on.
+    pub(crate) fn ring(&self) -> Option<&crate::ring::DirtyRing> {
+        self.vcpu.ring.as_deref()
     }
 
     fn lookup(&self, gfn: u64) -> Option<Cache<H::SlotData>> {

@@ -4,13 +4,15 @@
 use crate::arch::{ArchHooks, NoArch};
 use crate::config::Config;
 use crate::error::Error;
+use crate::ring::DirtyRing;
 use crate::set::MemslotSet;
 use crate::slot::MemorySlot;
 use crate::srcu::{Srcu, TwoSets};
 use crate::sync::{lock, Mutex};
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// State only the writer touches (KVM: protected by `slots_lock`).
 #[derive(Debug, Default)]
@@ -19,10 +21,13 @@ pub(crate) struct WriterState {
     pub(crate) nr_memslot_pages: u64,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` arguments in force.
     pub(crate) manual_protect: u64,
-    /// Dirty ring size in bytes (0: rings off).
-    pub(crate) dirty_ring_size: u32,
-    /// Dirty rings with bitmaps too (`KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`).
-    pub(crate) ring_with_bitmap: bool,
+}
+
+/// vCPUs created so far and their dirty rings (KVM: `kvm->lock`).
+#[derive(Debug, Default)]
+pub(crate) struct VcpuRegistry {
+    pub(crate) created: u32,
+    pub(crate) rings: Vec<Arc<DirtyRing>>,
 }
 
 /// A VM's memslots. Shared between threads (`&Vm` is `Send + Sync`): vCPU
@@ -39,6 +44,12 @@ pub struct Vm<H: ArchHooks = NoArch> {
     pub(crate) total_pages: AtomicU64,
     /// Mirror of `WriterState::manual_protect`, read by markers.
     pub(crate) manual_protect: AtomicU64,
+    /// vCPUs and rings.
+    pub(crate) vcpus: Mutex<VcpuRegistry>,
+    /// Dirty ring size in bytes (0: rings off). Set once, before any vCPU.
+    pub(crate) dirty_ring_bytes: AtomicU32,
+    /// Dirty rings with bitmaps too (`KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`).
+    pub(crate) ring_with_bitmap: AtomicBool,
 }
 
 impl<H: ArchHooks> core::fmt::Debug for Vm<H> {
@@ -100,6 +111,9 @@ impl<H: ArchHooks> Vm<H> {
             hooks,
             total_pages: AtomicU64::new(0),
             manual_protect: AtomicU64::new(0),
+            vcpus: Mutex::new(VcpuRegistry::default()),
+            dirty_ring_bytes: AtomicU32::new(0),
+            ring_with_bitmap: AtomicBool::new(false),
         })
     }
 
