@@ -297,3 +297,21 @@ impl<H: ArchHooks> VcpuGuard<'_, '_, H> {
         }
     }
 }
+
+impl<H: ArchHooks> crate::lookup::ReadGuard<'_, H> {
+    /// Marks page `rel` of `slot` (a slot obtained from this guard) in its
+    /// bitmap: for code that wrote guest memory on the VM's behalf (no vCPU).
+    #[inline]
+    pub fn mark_slot_page_dirty(&self, slot: &MemorySlot<H::SlotData>, rel: u64) -> DirtyMark {
+        mark_in_slot(slot, rel, None)
+    }
+}
+
+impl<H: ArchHooks> VcpuGuard<'_, '_, H> {
+    /// Marks page `rel` of `slot` (obtained from this guard) as this vCPU:
+    /// into its ring with rings on, else the slot's bitmap.
+    #[inline]
+    pub fn mark_slot_page_dirty(&self, slot: &MemorySlot<H::SlotData>, rel: u64) -> DirtyMark {
+        mark_in_slot(slot, rel, self.ring())
+    }
+}
