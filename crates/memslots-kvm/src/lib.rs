@@ -2,9 +2,11 @@
 //! raw ioctls kvm-ioctls lacks, and a kernel VM that replays trace operations
 //! for differential testing.
 
+pub mod backend;
 pub mod host;
 pub mod kernel;
 pub mod sys;
 
+pub use backend::{new_kvm_vm, KvmHooks, KvmVm};
 pub use host::{host_config, host_phys_bits, kvm_available, probe_max_gfn};
 pub use kernel::KernelVm;
