@@ -8,6 +8,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "memslots",
@@ -23,6 +25,9 @@ struct Cli {
 enum Command {
     /// Replay operation traces (shared/conformance format) and print one verdict a line.
     Replay(ReplayArgs),
+    /// Boot a tiny guest on /dev/kvm whose RAM is many library slots; show
+    /// its writes, the dirty pages harvested, and slot moves under a running vCPU.
+    Demo,
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.command {
         Command::Replay(a) => replay(a),
+        Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
     };
     match r {
         Ok(code) => code,

@@ -3,7 +3,9 @@
 //! for differential testing.
 
 pub mod backend;
+pub mod guest;
 pub mod host;
+pub mod kdirty;
 pub mod kernel;
 pub mod sys;
 

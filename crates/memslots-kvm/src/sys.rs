@@ -9,11 +9,21 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 #[allow(missing_docs)]
 mod nr {
     use super::{kvm_clear_dirty_log, KVMIO};
+    use vmm_sys_util::ioctl_io_nr;
     #[allow(unused_imports)]
     use vmm_sys_util::{ioctl_ioc_nr, ioctl_iowr_nr};
     ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+    ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
 }
-use nr::KVM_CLEAR_DIRTY_LOG;
+use nr::{KVM_CLEAR_DIRTY_LOG, KVM_RESET_DIRTY_RINGS};
+
+/// `KVM_RESET_DIRTY_RINGS`: the kernel frees every collected ring entry of
+/// every vCPU; returns how many.
+pub fn reset_dirty_rings(vm: &VmFd) -> errno::Result<u64> {
+    // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only affects the VM.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+    u64::try_from(ret).map_err(|_| errno::Error::last())
+}
 
 /// `KVM_CLEAR_DIRTY_LOG`: clears, in pages `[first_page, first_page +
 /// num_pages)` of `slot`, the dirty bits set in `bitmap`.

@@ -1,0 +1,147 @@
+//! Dirty pages from the kernel, merged into the library's dirty bitmaps:
+//! `KVM_GET_DIRTY_LOG` (take), manual protect (`GET` + `KVM_CLEAR_DIRTY_LOG`
+//! of exactly what was merged), and per-vCPU dirty rings mmap'd from the vCPU
+//! fd. Merging marks each kernel-dirty page in the library's bitmap, so a
+//! harvest through the library returns what the guest wrote (tracked by the
+//! kernel) together with what the VMM wrote through the library.
+
+use crate::backend::KvmVm;
+use crate::sys;
+use kvm_bindings::{kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_DIRTY_LOG_PAGE_OFFSET};
+use kvm_ioctls::{VcpuFd, VmFd};
+use memslots::{DirtyMark, Errno};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// How the kernel tracks dirty pages for the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelDirtyMode {
+    /// `KVM_GET_DIRTY_LOG` takes and clears the kernel's bitmap.
+    Bitmap,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: GET copies, CLEAR clears what was merged.
+    ManualProtect,
+    /// `KVM_CAP_DIRTY_LOG_RING` with rings of this many bytes (before any vCPU).
+    Ring(u32),
+}
+
+/// Configures the kernel VM's dirty tracking (call before creating vCPUs).
+pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(), Errno> {
+    let fd = vm.hooks().vm_fd();
+    let cap = match mode {
+        KernelDirtyMode::Bitmap => return Ok(()),
+        KernelDirtyMode::ManualProtect => (kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1),
+        KernelDirtyMode::Ring(bytes) => (KVM_CAP_DIRTY_LOG_RING, u64::from(bytes)),
+    };
+    let mut c = kvm_enable_cap { cap: cap.0, ..Default::default() };
+    c.args[0] = cap.1;
+    fd.enable_cap(&c).map_err(|e| Errno(e.errno()))
+}
+
+/// Merges the kernel's dirty bitmap of `slot` (`npages` pages) into the
+/// library's. Returns the pages merged.
+pub fn sync_dirty_log(vm: &KvmVm, slot: u32, mode: KernelDirtyMode) -> Result<u64, Errno> {
+    let Some(npages) =
+        vm.id_to_slot_desc(u16::try_from(slot >> 16).unwrap_or(u16::MAX), (slot & 0xffff) as u16).map(|d| d.npages)
+    else {
+        return Err(Errno::ENOENT);
+    };
+    let fd: &VmFd = vm.hooks().vm_fd();
+    let size = usize::try_from(npages << 12).map_err(|_| Errno::EINVAL)?;
+    let bitmap = fd.get_dirty_log(slot, size).map_err(|e| Errno(e.errno()))?;
+    let mut merged = 0;
+    for (w, &bits) in bitmap.iter().enumerate() {
+        let mut b = bits;
+        while b != 0 {
+            let bit = u64::from(b.trailing_zeros());
+            b &= b - 1;
+            let rel = u64::try_from(w).unwrap_or(u64::MAX) * 64 + bit;
+            if vm.mark_page_dirty_in_slot(slot, rel) == DirtyMark::Marked {
+                merged += 1;
+            }
+        }
+    }
+    if mode == KernelDirtyMode::ManualProtect && merged > 0 {
+        // Clear exactly what was merged; a guest write since the GET stays set.
+        let num = u32::try_from(npages).map_err(|_| Errno::EINVAL)?;
+        sys::clear_dirty_log(fd, slot, 0, num, &bitmap).map_err(|e| Errno(e.errno()))?;
+    }
+    Ok(merged)
+}
+
+/// A vCPU's dirty ring, mmap'd from its fd (`KVM_DIRTY_LOG_PAGE_OFFSET`).
+#[derive(Debug)]
+pub struct KernelRing {
+    base: *mut kvm_dirty_gfn,
+    entries: u32,
+    bytes: usize,
+    fetch: u32,
+}
+
+// SAFETY: the mapping is owned by this object; entries are accessed with
+// atomic flag handshakes as the kernel's ABI prescribes.
+unsafe impl Send for KernelRing {}
+
+impl KernelRing {
+    /// Maps the ring of `vcpu` (rings of `bytes` bytes enabled on its VM).
+    pub fn map(vcpu: &VcpuFd, bytes: u32) -> std::io::Result<Self> {
+        let len = usize::try_from(bytes).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let page = 4096i64;
+        // SAFETY: mapping the vCPU fd at the dirty-ring offset with the size
+        // the VM was configured with, as the KVM API documents; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(KernelRing { base: p.cast(), entries: bytes / 16, bytes: len, fetch: 0 })
+    }
+
+    /// Collects dirty entries in order, marks them collected for the kernel,
+    /// and merges them into `vm`'s bitmaps. Returns the entries collected.
+    pub fn harvest(&mut self, vm: &KvmVm) -> u64 {
+        let mut n = 0;
+        loop {
+            let i = usize::try_from(self.fetch % self.entries).unwrap_or(0);
+            // SAFETY: i < entries; the mapping holds `entries` entries.
+            let e = unsafe { self.base.add(i) };
+            // SAFETY: `flags` is a naturally aligned u32 in shared memory the
+            // kernel writes; read it atomically with acquire (the kernel
+            // publishes slot/offset before setting DIRTY).
+            let flags = unsafe { &*(std::ptr::addr_of_mut!((*e).flags).cast::<AtomicU32>()) };
+            if flags.load(Ordering::Acquire) & 1 == 0 {
+                break;
+            }
+            // SAFETY: the entry is dirty, so the kernel wrote these fields
+            // before its release of the flag.
+            let (slot, offset) = unsafe { ((*e).slot, (*e).offset) };
+            let _ = vm.mark_page_dirty_in_slot(slot, offset);
+            // Collected: the kernel may reset it (KVM_DIRTY_GFN_F_RESET).
+            flags.store(2, Ordering::Release);
+            self.fetch = self.fetch.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Drop for KernelRing {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `map`.
+        unsafe {
+            libc::munmap(self.base.cast(), self.bytes);
+        }
+    }
+}
+
+/// `KVM_RESET_DIRTY_RINGS` on the backend's kernel VM.
+pub fn reset_kernel_rings(vm: &KvmVm) -> Result<u64, Errno> {
+    sys::reset_dirty_rings(vm.hooks().vm_fd()).map_err(|e| Errno(e.errno()))
+}
