@@ -74,3 +74,39 @@ pub fn host_config() -> Option<Config> {
     }
     Some(c)
 }
+
+/// The host KVM's memslot-related capabilities (`KVM_CHECK_EXTENSION` on a VM).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCaps {
+    /// `KVM_CAP_NR_MEMSLOTS`: user slots per address space.
+    pub nr_memslots: u32,
+    /// `KVM_CAP_MULTI_ADDRESS_SPACE`: address spaces (0 reported as 1).
+    pub address_spaces: u32,
+    /// `KVM_CAP_READONLY_MEM`.
+    pub readonly_mem: bool,
+    /// `KVM_CAP_USER_MEMORY2`.
+    pub user_memory2: bool,
+    /// `KVM_CAP_GUEST_MEMFD`.
+    pub guest_memfd: bool,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: supported option bits.
+    pub manual_dirty_log_protect: u64,
+    /// `KVM_CAP_DIRTY_LOG_RING`: largest ring in bytes (0: unsupported).
+    pub dirty_log_ring_bytes: u32,
+}
+
+/// Reads [`HostCaps`] from a fresh VM; `None` without /dev/kvm.
+pub fn host_caps() -> Option<HostCaps> {
+    let kvm = Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let cap = |c: u32| vm.check_extension_raw(libc::c_ulong::from(c));
+    let nonneg = |v: i32| u32::try_from(v).unwrap_or(0);
+    Some(HostCaps {
+        nr_memslots: nonneg(cap(kvm_bindings::KVM_CAP_NR_MEMSLOTS)),
+        address_spaces: nonneg(cap(kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE)).max(1),
+        readonly_mem: cap(kvm_bindings::KVM_CAP_READONLY_MEM) > 0,
+        user_memory2: cap(kvm_bindings::KVM_CAP_USER_MEMORY2) > 0,
+        guest_memfd: cap(kvm_bindings::KVM_CAP_GUEST_MEMFD) > 0,
+        manual_dirty_log_protect: u64::from(nonneg(cap(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2))),
+        dirty_log_ring_bytes: nonneg(cap(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)),
+    })
+}

@@ -104,3 +104,17 @@ fn kernel_refusal_rolls_back_and_returns_the_kernels_errno() {
     // The kernel still has the slot where it was: an identical request is a no-op.
     vm.set_user_memory_region(&memslots::UserMemoryRegion::new(1, 1, 0x10_0000, 0x2000, 0x1000_0000)).unwrap();
 }
+
+#[test]
+fn host_capabilities_are_read() {
+    let Some(caps) = memslots_kvm::host_caps() else {
+        eprintln!("SKIP host_capabilities_are_read: /dev/kvm is not available");
+        return;
+    };
+    eprintln!("{caps:?}");
+    let config = memslots_kvm::host_config().unwrap();
+    assert_eq!(u32::from(config.user_slots), caps.nr_memslots);
+    assert_eq!(u32::from(config.nr_address_spaces), caps.address_spaces);
+    assert_eq!(config.readonly_mem, caps.readonly_mem);
+    assert!(caps.nr_memslots > 0);
+}
