@@ -131,12 +131,20 @@ impl Srcu {
         // Store (phase) then load (counters): the writer's half of the handshake.
         fence(Ordering::SeqCst);
         Self::wait_zero(&self.shared.counts[old]);
-        // Wait on a snapshot: a reader inside a section may register a new
-        // handle, which takes the registry lock. A record registered after the
-        // snapshot was registered after the flip (the lock orders them), so
-        // its sections see the new phase and need no waiting for.
-        let records: Vec<Arc<ReaderRecord>> = lock(&self.registry).clone();
-        for record in records.iter() {
+        // Scan under the registry lock, wait without it: a reader inside a
+        // section may register a new handle, which takes that lock. Only the
+        // records still inside an old-phase section are kept (usually none, so
+        // nothing is allocated or reference-counted). A record seen at zero
+        // after the flip can only gain old-phase increments from readers whose
+        // re-check then fails; a record registered after the scan was
+        // registered after the flip (the lock orders them), so its sections see
+        // the new phase.
+        let pending: Vec<Arc<ReaderRecord>> = lock(&self.registry)
+            .iter()
+            .filter(|r| r.counts[old].load(Ordering::SeqCst) != 0)
+            .cloned()
+            .collect();
+        for record in pending.iter() {
             Self::wait_zero(&record.counts[old]);
         }
     }
