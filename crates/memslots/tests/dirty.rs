@@ -272,8 +272,11 @@ fn stress_bitmaps(manual: bool) {
                         let gfn = (base >> 12) + page;
                         let t0 = clock.fetch_add(1, Ordering::SeqCst);
                         let g = vcpu.read();
-                        let hit = g.gfn_to_memslot(gfn).map(|s| (s.id, gfn - s.base_gfn));
-                        let m = g.mark_page_dirty(gfn);
+                        // Two lookups in one section may see different states:
+                        // mark exactly the slot this lookup found.
+                        let slot = g.gfn_to_memslot(gfn);
+                        let hit = slot.map(|s| (s.id, gfn - s.base_gfn));
+                        let m = slot.map_or(DirtyMark::NotLogged, |s| g.mark_slot_page_dirty(s, gfn - s.base_gfn));
                         drop(g);
                         let t1 = clock.fetch_add(1, Ordering::SeqCst);
                         if m == DirtyMark::Marked {
@@ -401,14 +404,18 @@ fn no_write_lost_with_dirty_rings() {
                         let page = (rng >> 8) % PAGES;
                         let base = if (rng >> 20) & 1 == 0 { home(slot) } else { away(slot) };
                         let gfn = (base >> 12) + page;
-                        let g = vcpu.read();
-                        let hit = g.gfn_to_memslot(gfn).map(|s| (u32::from(s.id), gfn - s.base_gfn));
-                        let mut m = g.mark_page_dirty(gfn);
-                        drop(g);
+                        // Mark exactly the slot the lookup found (see above).
+                        let mark = || {
+                            let g = vcpu.read();
+                            let slot = g.gfn_to_memslot(gfn);
+                            let hit = slot.map(|s| (u32::from(s.id), gfn - s.base_gfn));
+                            (hit, slot.map_or(DirtyMark::NotLogged, |s| g.mark_slot_page_dirty(s, gfn - s.base_gfn)))
+                        };
+                        let (mut hit, mut m) = mark();
                         // Full: the vCPU exits and waits for the VMM to reset, then retries.
                         while m == DirtyMark::RingFull && !stop.load(Ordering::Relaxed) {
                             std::thread::yield_now();
-                            m = vcpu.read().mark_page_dirty(gfn);
+                            (hit, m) = mark();
                         }
                         if matches!(m, DirtyMark::Marked | DirtyMark::RingSoftFull) {
                             progress.fetch_add(1, Ordering::Relaxed);
