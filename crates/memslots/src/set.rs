@@ -87,44 +87,63 @@ impl<D> MemslotSet<D> {
     /// KVM's `kvm_replace_memslot`: replace `old` by `new` (either may be
     /// absent) in this set. Only for the writer, on the inactive set.
     pub(crate) fn replace(&mut self, old: Option<&Arc<MemorySlot<D>>>, new: Option<&Arc<MemorySlot<D>>>) {
-        let new_ptr = new.map(ptr);
-        if let Some(old) = old {
-            let old_ptr = ptr(old);
-            let removed = self.by_id.remove(&old.id);
-            debug_assert!(removed.is_some_and(|r| Arc::ptr_eq(&r, old)));
-            // Memory proportional to the slots in use: hash tables never shrink
-            // by themselves (amortised O(1): shrinking halves at least).
-            if new.is_none() && self.by_id.len() < self.by_id.capacity() / 4 {
-                self.by_id.shrink_to(self.by_id.len() * 2);
-            }
-            let found = self.by_hva.remove(old.userspace_addr, old.hva_last(), SlotPtr(old_ptr));
-            debug_assert!(found);
-            // Readers of this set are gone (it is inactive and a grace period
-            // passed), so a plain check-and-store is enough.
-            if self.last_used.load(Ordering::Relaxed) == old_ptr.as_ptr() {
-                let next = new_ptr.map_or(core::ptr::null_mut(), NonNull::as_ptr);
-                self.last_used.store(next, Ordering::Relaxed);
-            }
-            match new {
-                // Same base gfn: replace the entry in place (KVM's rb_replace_node).
-                Some(new) if new.base_gfn == old.base_gfn => {
+        // KVM never changes a slot's id, host range or size in place: a MOVE,
+        // FLAGS_ONLY or INVALID copy keeps them, so the hva entry and the id
+        // entry are updated in place, and the gfn entry too when the base gfn
+        // stays. Only CREATE and DELETE (and the gfn part of MOVE) change the
+        // structures' shape.
+        match (old, new) {
+            (Some(old), Some(new)) => {
+                debug_assert_eq!((old.id, old.userspace_addr, old.npages), (new.id, new.userspace_addr, new.npages));
+                let (old_ptr, new_ptr) = (ptr(old), ptr(new));
+                let found =
+                    self.by_hva.replace_value(old.userspace_addr, old.hva_last(), SlotPtr(old_ptr), SlotPtr(new_ptr));
+                debug_assert!(found);
+                if let Some(slot) = self.by_id.get_mut(&old.id) {
+                    debug_assert!(Arc::ptr_eq(slot, old));
+                    *slot = Arc::clone(new);
+                }
+                if self.last_used.load(Ordering::Relaxed) == old_ptr.as_ptr() {
+                    self.last_used.store(new_ptr.as_ptr(), Ordering::Relaxed);
+                }
+                if new.base_gfn == old.base_gfn {
+                    // KVM's rb_replace_node.
                     if let Some(e) = self.by_gfn.get_mut(old.base_gfn) {
                         *e = entry(new);
                     }
-                }
-                _ => {
+                } else {
                     let removed = self.by_gfn.remove(old.base_gfn);
                     debug_assert!(removed.is_some());
+                    let fresh = self.by_gfn.insert(new.base_gfn, entry(new));
+                    debug_assert!(fresh);
                 }
             }
-        }
-        if let Some(new) = new {
-            self.by_hva.insert(new.userspace_addr, new.hva_last(), SlotPtr(ptr(new)));
-            if old.is_none_or(|o| o.base_gfn != new.base_gfn) {
+            (Some(old), None) => {
+                let old_ptr = ptr(old);
+                let removed = self.by_id.remove(&old.id);
+                debug_assert!(removed.is_some_and(|r| Arc::ptr_eq(&r, old)));
+                // Memory proportional to the slots in use: hash tables never
+                // shrink by themselves (amortised O(1): shrinking halves at least).
+                if self.by_id.len() < self.by_id.capacity() / 4 {
+                    self.by_id.shrink_to(self.by_id.len() * 2);
+                }
+                let found = self.by_hva.remove(old.userspace_addr, old.hva_last(), SlotPtr(old_ptr));
+                debug_assert!(found);
+                // Readers of this set are gone (it is inactive and a grace period
+                // passed), so a plain check-and-store is enough.
+                if self.last_used.load(Ordering::Relaxed) == old_ptr.as_ptr() {
+                    self.last_used.store(core::ptr::null_mut(), Ordering::Relaxed);
+                }
+                let removed = self.by_gfn.remove(old.base_gfn);
+                debug_assert!(removed.is_some());
+            }
+            (None, Some(new)) => {
+                self.by_hva.insert(new.userspace_addr, new.hva_last(), SlotPtr(ptr(new)));
                 let fresh = self.by_gfn.insert(new.base_gfn, entry(new));
                 debug_assert!(fresh);
+                self.by_id.insert(new.id, Arc::clone(new));
             }
-            self.by_id.insert(new.id, Arc::clone(new));
+            (None, None) => {}
         }
     }
 
