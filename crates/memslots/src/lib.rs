@@ -56,6 +56,19 @@
 //! # Ok::<(), memslots::Error>(())
 //! ```
 //!
+//! ## Rules
+//!
+//! - Read sections ([`Vm::read`], [`Reader::read`], [`Vcpu::read`]) never
+//!   block, but writers wait for them: keep them short, and never change slots
+//!   ([`Vm::set_user_memory_region`]), harvest dirty logs
+//!   ([`Vm::get_dirty_log`]) or call [`Vm::memory_usage`] on a thread that holds
+//!   one (it would wait for itself, as `synchronize_srcu` inside
+//!   `srcu_read_lock` does in the kernel).
+//! - Two lookups in one section may see two different published states (each
+//!   re-reads the active set, like KVM's `srcu_dereference` per call). Use the
+//!   slot a lookup returned for follow-up work, e.g.
+//!   [`ReadGuard::mark_slot_page_dirty`].
+//!
 //! ## Features
 //!
 //! - `std` (default): std's mutex for the writer lock, `thread::yield_now`

@@ -24,6 +24,11 @@ impl<H: ArchHooks> Vm<H> {
     ///
     /// On error nothing changed. Returns what the request did.
     ///
+    /// Waits for a grace period: it must not be called by a thread that holds
+    /// a read section of this VM ([`ReadGuard`](crate::ReadGuard),
+    /// [`VcpuGuard`](crate::VcpuGuard)), which would wait for itself forever,
+    /// as `synchronize_srcu` inside `srcu_read_lock` would in the kernel.
+    ///
     /// ```
     /// use memslots::{Config, Vm, UserMemoryRegion, MemoryChange, Outcome};
     /// let vm = Vm::new(Config::default()).unwrap();

@@ -148,7 +148,8 @@ impl<H: ArchHooks> Vm<H> {
         self.srcu.registered()
     }
 
-    /// Metadata memory in use, measured from the live structures.
+    /// Metadata memory in use, measured from the live structures. Takes the
+    /// writer lock: not from a thread inside a read section.
     pub fn memory_usage(&self) -> MemoryUsage {
         let _w = lock(&self.writer);
         let mut u = MemoryUsage {
