@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod demo;
+mod perf;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,6 +29,9 @@ enum Command {
     /// Boot a tiny guest on /dev/kvm whose RAM is many library slots; show
     /// its writes, the dirty pages harvested, and slot moves under a running vCPU.
     Demo,
+    /// Measure: memslot_perf_test scenarios (library and real KVM) and a micro
+    /// sweep against vm-memory and the kernel's ioctl (`perf --quick` to start).
+    Perf(perf::PerfArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
     let r = match &cli.command {
         Command::Replay(a) => replay(a),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Perf(a) => perf::run(a).map(|()| ExitCode::SUCCESS),
     };
     match r {
         Ok(code) => code,

@@ -1,0 +1,346 @@
+//! `memslots perf`: the kernel's `memslot_perf_test` scenarios over the
+//! library (and on real KVM with a real guest), plus a micro sweep of lookups
+//! and updates against two peers — rust-vmm's `vm-memory` 0.18 and the host
+//! kernel's `KVM_SET_USER_MEMORY_REGION` — all in one run.
+//!
+//! Output: a progress bar on stderr, tables on stdout (ratios are
+//! `peer / memslots`: above 1 means the library is faster), and optionally
+//! `--json FILE` and `--svg FILE` (log-log plots, one per metric).
+//!
+//! # JSON schema (`schema_version` 1)
+//!
+//! ```text
+//! {
+//!   "schema_version": 1,
+//!   "mode": "tiny" | "quick" | "full",
+//!   "runtime_s": f64,                       // wall time of the whole run
+//!   "host": { "kvm": bool, "kvm_nr_memslots": u64|null, "cpus": u64 },
+//!   "skipped": [string],                    // e.g. "kvm: /dev/kvm not available"
+//!   "micro": [ {                            // one point per (metric, implementation, slots)
+//!       "metric": "lookup_random" | "lookup_held" | "lookup_cached" | "create" | "move" | "flags" | "delete" | "build",
+//!       "implementation": "memslots" | "vm-memory" | "kvm",
+//!       "slots": u32,                       // slots present
+//!       "median_ns": f64,                   // median over batches of ns per operation
+//!                                           // ("build": ns to create all `slots` slots from empty)
+//!       "samples": u32 } ],                 // batches the median is taken over
+//!   "scenarios": [ {                        // memslot_perf_test scenarios
+//!       "backend": "library" | "library+kvm" | "kvm-ioctl",
+//!       "scenario": "map" | "unmap" | "unmap-chunked" | "move-active" | "move-inactive" | "rw" | "setup",
+//!       "slots": u32, "area_bytes": u64, "vcpus": u32,
+//!       "setup_ms": f64,                    // creating all slots of the area
+//!       "iterations": u32,
+//!       "iter_median_us": f64, "iter_mean_us": f64,
+//!       "vcpu_accesses": u64,               // guest page accesses that hit a slot
+//!       "vcpu_misses": u64 } ],             // accesses that found no slot (MMIO exits on KVM)
+//!   "targets": [ {
+//!       "name": string, "slots": u32, "goal_ns": f64, "memslots_ns": f64|null,
+//!       "met": bool|null, "peers": { "<implementation>": f64 } } ]
+//! }
+//! ```
+//!
+//! See `README.md` in this directory for what each scenario does.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+mod guest;
+mod micro;
+mod scenarios;
+mod svg;
+mod table;
+
+/// Arguments of `memslots perf`.
+#[derive(clap::Args, Debug)]
+pub struct PerfArgs {
+    /// A short run (under a minute): fewer slot counts, a 128 MiB area, short budgets.
+    #[arg(long)]
+    quick: bool,
+    /// A smoke run of a few seconds (CI): tiny area and slot counts.
+    #[arg(long, hide = true, conflicts_with = "quick")]
+    tiny: bool,
+    /// vCPU threads in the library scenarios (the kernel test uses 1).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Skip the real-KVM part even where /dev/kvm exists.
+    #[arg(long)]
+    no_kvm: bool,
+    /// Write the results as JSON (schema in the module docs and perf/README.md).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write log-log plots (latency vs slot count, one per metric) as one SVG.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// One micro-benchmark result.
+#[derive(Serialize, Debug, Clone)]
+pub(crate) struct MicroPoint {
+    metric: &'static str,
+    implementation: &'static str,
+    slots: u32,
+    median_ns: f64,
+    samples: u32,
+}
+
+/// One scenario result.
+#[derive(Serialize, Debug, Clone, Default)]
+pub(crate) struct ScenarioPoint {
+    backend: &'static str,
+    scenario: &'static str,
+    slots: u32,
+    area_bytes: u64,
+    vcpus: u32,
+    setup_ms: f64,
+    iterations: u32,
+    iter_median_us: f64,
+    iter_mean_us: f64,
+    vcpu_accesses: u64,
+    vcpu_misses: u64,
+}
+
+/// A tracked target, checked against the run's own measurements.
+#[derive(Serialize, Debug, Clone)]
+pub(crate) struct Target {
+    name: String,
+    slots: u32,
+    goal_ns: f64,
+    memslots_ns: Option<f64>,
+    met: Option<bool>,
+    peers: BTreeMap<&'static str, f64>,
+}
+
+#[derive(Serialize, Debug)]
+struct HostInfo {
+    kvm: bool,
+    kvm_nr_memslots: Option<u64>,
+    cpus: u64,
+}
+
+/// The whole report (also the JSON document).
+#[derive(Serialize, Debug)]
+pub(crate) struct Report {
+    schema_version: u32,
+    mode: &'static str,
+    runtime_s: f64,
+    host: HostInfo,
+    skipped: Vec<String>,
+    micro: Vec<MicroPoint>,
+    scenarios: Vec<ScenarioPoint>,
+    targets: Vec<Target>,
+}
+
+/// Sizes and budgets of one run.
+struct Plan {
+    mode: &'static str,
+    micro: micro::MicroPlan,
+    scen: scenarios::ScenarioPlan,
+    guest_budget: Duration,
+    /// Largest slot count of the real-KVM setup comparison (the micro sweep's
+    /// `build` already has the kernel at every count).
+    kvm_setup_max: u32,
+}
+
+impl Plan {
+    fn new(args: &PerfArgs) -> Plan {
+        let vcpus = args.vcpus.max(1);
+        if args.tiny {
+            Plan {
+                mode: "tiny",
+                micro: micro::MicroPlan {
+                    sizes: vec![1, 64, 512],
+                    batches: 5,
+                    lookup_iters: 20_000,
+                    batch_ops: 8,
+                    build_reps: 1,
+                },
+                scen: scenarios::ScenarioPlan {
+                    area: 4 << 20,
+                    sizes: vec![1, 64, 512],
+                    vcpus,
+                    budget: Duration::from_millis(20),
+                },
+                guest_budget: Duration::from_millis(50),
+                kvm_setup_max: 512,
+            }
+        } else if args.quick {
+            Plan {
+                mode: "quick",
+                micro: micro::MicroPlan {
+                    sizes: vec![1, 64, 4096, 32764],
+                    batches: 15,
+                    lookup_iters: 500_000,
+                    batch_ops: 32,
+                    build_reps: 3,
+                },
+                scen: scenarios::ScenarioPlan {
+                    area: 128 << 20,
+                    sizes: vec![1, 64, 4096, 32764],
+                    vcpus,
+                    budget: Duration::from_millis(250),
+                },
+                guest_budget: Duration::from_millis(500),
+                kvm_setup_max: 4096,
+            }
+        } else {
+            Plan {
+                mode: "full",
+                micro: micro::MicroPlan {
+                    sizes: vec![1, 8, 64, 512, 4096, 32764],
+                    batches: 31,
+                    lookup_iters: 2_000_000,
+                    batch_ops: 32,
+                    build_reps: 5,
+                },
+                scen: scenarios::ScenarioPlan {
+                    area: 512 << 20,
+                    sizes: vec![1, 8, 64, 512, 4096, 32764],
+                    vcpus,
+                    budget: Duration::from_secs(2),
+                },
+                guest_budget: Duration::from_secs(2),
+                kvm_setup_max: u32::MAX,
+            }
+        }
+    }
+}
+
+/// Progress reporting: one tick per measured unit.
+pub(crate) struct Progress {
+    bar: ProgressBar,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let bar = ProgressBar::new(total);
+        let style = ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Progress { bar }
+    }
+
+    /// Announces the unit about to be measured.
+    pub(crate) fn start(&self, what: String) {
+        self.bar.set_message(what);
+    }
+
+    /// Marks a unit done.
+    pub(crate) fn done(&self) {
+        self.bar.inc(1);
+    }
+}
+
+/// Median of `v` (0 for an empty vector).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Nanoseconds in `d`, as a float.
+pub(crate) fn ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+/// `x` as a float (counts here are far below 2^52).
+#[allow(clippy::cast_precision_loss)] // measurement arithmetic on counts < 2^52
+pub(crate) fn fl(x: usize) -> f64 {
+    x as f64
+}
+
+/// Whether the real-KVM peers can run, and why not otherwise.
+fn kvm_status(args: &PerfArgs) -> Result<(kvm_ioctls::Kvm, u64), String> {
+    if args.no_kvm {
+        return Err("kvm: disabled by --no-kvm".into());
+    }
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Err("kvm: /dev/kvm not available".into());
+    }
+    let k = kvm_ioctls::Kvm::new().map_err(|e| format!("kvm: /dev/kvm not available ({e})"))?;
+    let api = k.get_api_version();
+    if api != 12 {
+        return Err(format!("kvm: /dev/kvm not available (KVM_GET_API_VERSION = {api}, not 12)"));
+    }
+    k.create_vm().map_err(|e| format!("kvm: /dev/kvm not available (KVM_CREATE_VM: {e})"))?;
+    let nr = u64::try_from(k.get_nr_memslots()).unwrap_or(0);
+    Ok((k, nr))
+}
+
+/// Runs `memslots perf`.
+pub fn run(args: &PerfArgs) -> Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(args);
+    let mut skipped = Vec::new();
+    let kvm = match kvm_status(args) {
+        Ok(k) => Some(k),
+        Err(why) => {
+            eprintln!("memslots perf: skipped: {why}");
+            skipped.push(why);
+            None
+        }
+    };
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let units = plan.micro.sizes.len() + scenarios::SCENARIOS.len() * plan.scen.sizes.len() + 2;
+    let progress = Progress::new(u64::try_from(units).unwrap_or(0));
+
+    let mut micro_points = Vec::new();
+    let kvm_peer = kvm.as_ref().map(|(k, nr)| (k, *nr));
+    micro::run(&plan.micro, kvm_peer, &progress, &mut micro_points)?;
+    let mut scen_points = Vec::new();
+    scenarios::run(&plan.scen, &progress, &mut scen_points)?;
+    progress.start("real KVM guest".into());
+    if kvm.is_some() {
+        let mut setup_sizes = vec![memslots_kvm::guest::DATA_SLOTS];
+        let nr = kvm.as_ref().map_or(0, |k| k.1);
+        setup_sizes.extend(
+            plan.scen
+                .sizes
+                .iter()
+                .filter(|&&n| n > memslots_kvm::guest::DATA_SLOTS && n <= plan.kvm_setup_max && u64::from(n) <= nr),
+        );
+        match guest::run(plan.guest_budget, &setup_sizes, &mut scen_points) {
+            Ok(()) => {}
+            Err(e) => {
+                let why = format!("kvm guest scenarios: {e:#}");
+                progress.bar.suspend(|| eprintln!("memslots perf: skipped: {why}"));
+                skipped.push(why);
+            }
+        }
+    }
+    progress.done();
+    progress.bar.finish_and_clear();
+
+    let targets = table::targets(&micro_points);
+    let report = Report {
+        schema_version: 1,
+        mode: plan.mode,
+        runtime_s: started.elapsed().as_secs_f64(),
+        host: HostInfo { kvm: kvm.is_some(), kvm_nr_memslots: kvm.as_ref().map(|k| k.1), cpus: u64::try_from(cpus)? },
+        skipped,
+        micro: micro_points,
+        scenarios: scen_points,
+        targets,
+    };
+    let stdout = std::io::stdout();
+    table::print(&mut stdout.lock(), &report)?;
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg::render(&report)).with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(())
+}

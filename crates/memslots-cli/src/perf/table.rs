@@ -1,0 +1,160 @@
+//! The end-of-run tables (stdout) and the targets check.
+
+use super::{MicroPoint, Report, Target};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+/// Micro metrics in display order.
+pub(crate) const METRICS: [&str; 8] =
+    ["lookup_random", "lookup_held", "lookup_cached", "create", "move", "flags", "delete", "build"];
+/// Implementations in display order (memslots first: the others are peers).
+pub(crate) const IMPLS: [&str; 3] = ["memslots", "vm-memory", "kvm"];
+
+/// Formats nanoseconds with a unit.
+pub(crate) fn fmt_ns(v: f64) -> String {
+    if v < 1e3 {
+        format!("{v:.1} ns")
+    } else if v < 1e6 {
+        format!("{:.2} us", v / 1e3)
+    } else if v < 1e9 {
+        format!("{:.2} ms", v / 1e6)
+    } else {
+        format!("{:.2} s", v / 1e9)
+    }
+}
+
+fn find(points: &[MicroPoint], metric: &str, imp: &str, slots: u32) -> Option<f64> {
+    points.iter().find(|p| p.metric == metric && p.implementation == imp && p.slots == slots).map(|p| p.median_ns)
+}
+
+/// The tracked targets, evaluated at the largest slot count measured.
+pub(crate) fn targets(points: &[MicroPoint]) -> Vec<Target> {
+    let Some(n) = points.iter().map(|p| p.slots).max() else { return Vec::new() };
+    // (name, metric, the peers' metric, goal in ns)
+    let goals: [(&str, &str, &str, f64); 8] = [
+        ("random lookup", "lookup_random", "lookup_random", 30.0),
+        ("random lookup, held", "lookup_held", "lookup_random", 30.0),
+        ("cached lookup (vCPU)", "lookup_cached", "lookup_cached", 3.0),
+        ("create", "create", "create", 2_000.0),
+        ("move", "move", "move", 2_000.0),
+        ("flags", "flags", "flags", 2_000.0),
+        ("delete", "delete", "delete", 2_000.0),
+        ("build all slots", "build", "build", 100e6),
+    ];
+    goals
+        .iter()
+        .map(|&(name, metric, peer_metric, goal)| {
+            let memslots = find(points, metric, "memslots", n);
+            let peers: BTreeMap<&'static str, f64> =
+                IMPLS[1..].iter().filter_map(|&imp| find(points, peer_metric, imp, n).map(|v| (imp, v))).collect();
+            Target {
+                name: name.to_string(),
+                slots: n,
+                goal_ns: goal,
+                memslots_ns: memslots,
+                met: memslots.map(|m| m <= goal),
+                peers,
+            }
+        })
+        .collect()
+}
+
+/// Prints every table.
+pub(crate) fn print(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
+    writeln!(out, "memslots perf ({}): {:.1} s", r.mode, r.runtime_s)?;
+    for s in &r.skipped {
+        writeln!(out, "skipped: {s}")?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "Micro sweep: median per operation (build: all slots from empty); x = peer / memslots, >1 = memslots faster"
+    )?;
+    writeln!(
+        out,
+        "{:<14} {:>6} {:>11} {:>11} {:>8} {:>11} {:>8}",
+        "metric", "slots", "memslots", "vm-memory", "x", "kvm", "x"
+    )?;
+    let mut sizes: Vec<u32> = r.micro.iter().map(|p| p.slots).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for metric in METRICS {
+        for &n in &sizes {
+            let m = find(&r.micro, metric, "memslots", n);
+            let cell = |imp: &str| -> (String, String) {
+                match find(&r.micro, metric, imp, n) {
+                    Some(v) => (fmt_ns(v), m.map_or_else(|| "-".into(), |m| format!("{:.1}", v / m))),
+                    None => ("-".into(), "-".into()),
+                }
+            };
+            let (vmm, vmm_x) = cell("vm-memory");
+            let (kvm, kvm_x) = cell("kvm");
+            writeln!(
+                out,
+                "{metric:<14} {n:>6} {:>11} {vmm:>11} {vmm_x:>8} {kvm:>11} {kvm_x:>8}",
+                m.map_or_else(|| "-".into(), fmt_ns)
+            )?;
+        }
+    }
+    writeln!(out)?;
+    writeln!(out, "Scenarios (memslot_perf_test): time per iteration, slot setup; misses = accesses finding no slot")?;
+    writeln!(
+        out,
+        "{:<12} {:<14} {:>6} {:>9} {:>4} {:>11} {:>12} {:>12} {:>7} {:>12} {:>9}",
+        "backend",
+        "scenario",
+        "slots",
+        "area KiB",
+        "vcpu",
+        "setup",
+        "iter median",
+        "iter mean",
+        "iters",
+        "accesses",
+        "misses"
+    )?;
+    for p in &r.scenarios {
+        writeln!(
+            out,
+            "{:<12} {:<14} {:>6} {:>9} {:>4} {:>11} {:>12} {:>12} {:>7} {:>12} {:>9}",
+            p.backend,
+            p.scenario,
+            p.slots,
+            p.area_bytes >> 10,
+            p.vcpus,
+            fmt_ns(p.setup_ms * 1e6),
+            if p.scenario == "setup" { "-".into() } else { fmt_ns(p.iter_median_us * 1e3) },
+            if p.scenario == "setup" { "-".into() } else { fmt_ns(p.iter_mean_us * 1e3) },
+            p.iterations,
+            p.vcpu_accesses,
+            p.vcpu_misses
+        )?;
+    }
+    if let Some(t) = r.targets.first() {
+        writeln!(out)?;
+        writeln!(out, "Targets (at {} slots, measured in this run)", t.slots)?;
+        writeln!(
+            out,
+            "{:<22} {:>10} {:>11} {:>5} {:>11} {:>11}",
+            "target", "goal", "memslots", "met", "vm-memory", "kvm"
+        )?;
+        for t in &r.targets {
+            let peer = |imp: &str| t.peers.get(imp).map_or_else(|| "-".into(), |&v| fmt_ns(v));
+            writeln!(
+                out,
+                "{:<22} {:>10} {:>11} {:>5} {:>11} {:>11}",
+                t.name,
+                format!("<= {}", fmt_ns(t.goal_ns)),
+                t.memslots_ns.map_or_else(|| "-".into(), fmt_ns),
+                match t.met {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "-",
+                },
+                peer("vm-memory"),
+                peer("kvm")
+            )?;
+        }
+    }
+    Ok(())
+}
