@@ -103,6 +103,24 @@ fn harvest(c: &mut Criterion) {
                 total
             })
         });
+        g.bench_function(BenchmarkId::new("memslots/harvest_dirty_log (callback)", label), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let guard = vcpu.read();
+                    for &p in marks {
+                        let _ = guard.mark_page_dirty(p);
+                    }
+                    drop(guard);
+                    let mut pages = 0u64;
+                    let t = Instant::now();
+                    vm.harvest_dirty_log(0, |_, bits| pages += u64::from(bits.count_ones())).unwrap();
+                    total += t.elapsed();
+                    black_box(pages);
+                }
+                total
+            })
+        });
         // Manual protect: GET copies, CLEAR clears what was returned.
         let vm = logging_vm(pages, true);
         let vcpu = vm.vcpu();

@@ -120,26 +120,101 @@ impl DirtyBitmap {
     /// `grace_period` must wait until every read section that started before
     /// it was called has ended; the caller serialises takes (writer lock).
     /// Returns the number of bits taken.
-    pub(crate) fn take_into(&self, out: &mut [u64], grace_period: impl FnOnce()) -> u64 {
-        out.iter_mut().for_each(|o| *o = 0);
-        if !self.maybe_dirty.load(Ordering::Acquire) {
-            return 0;
+    pub(crate) fn take_into(&self, out: &mut [u64], grace_period: impl FnOnce()) {
+        let Some(old) = self.flip(grace_period) else {
+            out.iter_mut().for_each(|o| *o = 0);
+            return;
+        };
+        let buf = &self.bufs[old];
+        let n = buf.len().min(out.len());
+        // SAFETY: after the flip and the grace period no marker can access the
+        // old buffer (markers run in read sections and load the active index
+        // inside them), and takes/clears are serialised by the writer lock, so
+        // this thread has exclusive access: plain (non-atomic) copy and zeroing
+        // cannot race. `AtomicU64` has the size and alignment of `u64`, and
+        // its `UnsafeCell` permits writes through a pointer derived from `&`.
+        // `n` is within both slices. memcpy/memset run at memory bandwidth,
+        // which is what harvesting a 64 GiB slot (2 MiB of bitmap) needs.
+        unsafe {
+            core::ptr::copy_nonoverlapping(buf.as_ptr().cast::<u64>(), out.as_mut_ptr(), n);
+            core::ptr::write_bytes(buf.as_ptr().cast_mut(), 0, buf.len());
         }
-        self.maybe_dirty.store(false, Ordering::SeqCst);
-        let old = self.active.load(Ordering::Relaxed) & 1;
-        self.active.store(old ^ 1, Ordering::SeqCst);
-        grace_period();
+    }
+
+    /// Takes and clears every bit, calling `f(word_index, bits)` for each
+    /// non-zero word. A bitmap nobody marked since the last take is not
+    /// walked at all (seed 004). Returns the number of bits taken.
+    pub(crate) fn take_each(&self, grace_period: impl FnOnce(), mut f: impl FnMut(usize, u64)) -> u64 {
+        let Some(old) = self.flip(grace_period) else {
+            return 0;
+        };
         let mut taken = 0;
-        for (o, w) in out.iter_mut().zip(self.bufs[old].iter()) {
-            // No marker can write the old buffer any more: plain loads/stores.
+        for (i, w) in self.bufs[old].iter().enumerate() {
             let v = w.load(Ordering::Relaxed);
             if v != 0 {
                 w.store(0, Ordering::Relaxed);
                 taken += u64::from(v.count_ones());
-                *o = v;
+                f(i, v);
             }
         }
         taken
+    }
+
+    /// If anything may be dirty: clears the hint, makes the spare buffer
+    /// active and waits for a grace period; returns the now private old
+    /// buffer's index. `None` if nothing was marked since the last flip.
+    fn flip(&self, grace_period: impl FnOnce()) -> Option<usize> {
+        if !self.maybe_dirty.load(Ordering::Acquire) {
+            return None;
+        }
+        // The hint is cleared before the flip; a marker that sees the new
+        // buffer also sees the cleared hint and sets it again.
+        self.maybe_dirty.store(false, Ordering::SeqCst);
+        let old = self.active.load(Ordering::Relaxed) & 1;
+        self.active.store(old ^ 1, Ordering::SeqCst);
+        grace_period();
+        Some(old)
+    }
+
+    /// Clears the bits of `mask` in words `first_word..` (manual protect's
+    /// CLEAR) by flipping buffers: after a grace period the old buffer is
+    /// private, the mask is applied with plain operations, and only the bits
+    /// it did not clear are merged back into the active buffer (atomic OR,
+    /// rare: pages marked after the caller's GET). Returns the bits cleared.
+    pub(crate) fn clear_masked_flip(&self, first_word: usize, mask: &[u64], grace_period: impl FnOnce()) -> u64 {
+        let Some(old) = self.flip(grace_period) else {
+            return 0;
+        };
+        let (buf, active) = (&self.bufs[old], &self.bufs[old ^ 1]);
+        let end = first_word.saturating_add(mask.len()).min(buf.len());
+        let mut cleared = 0;
+        let mut kept = false;
+        // Bits outside the cleared range and bits the mask does not cover go
+        // back into the active buffer (usually none: the branch is predictable).
+        let mut keep = |i: usize, rest: u64| {
+            if rest != 0 {
+                active[i].fetch_or(rest, Ordering::AcqRel);
+                kept = true;
+            }
+        };
+        for (i, w) in buf.iter().enumerate().take(first_word.min(buf.len())) {
+            keep(i, w.load(Ordering::Relaxed));
+        }
+        for (i, (w, m)) in buf[first_word.min(end)..end].iter().zip(mask).enumerate() {
+            let v = w.load(Ordering::Relaxed);
+            cleared += u64::from((v & m).count_ones());
+            keep(first_word + i, v & !m);
+        }
+        for (i, w) in buf.iter().enumerate().skip(end) {
+            keep(i, w.load(Ordering::Relaxed));
+        }
+        // SAFETY: as in `take_into`: the old buffer is private to this thread
+        // after the flip and the grace period; zero it for its next turn.
+        unsafe { core::ptr::write_bytes(buf.as_ptr().cast_mut(), 0, buf.len()) };
+        if kept {
+            self.maybe_dirty.store(true, Ordering::SeqCst);
+        }
+        cleared
     }
 
     /// Copies the active buffer into `out` without clearing (manual protect).
@@ -151,6 +226,23 @@ impl DirtyBitmap {
         for (o, w) in out.iter_mut().zip(self.active_buf().iter()) {
             *o = w.load(Ordering::Acquire);
         }
+    }
+
+    /// Calls `f(word_index, bits)` for each non-zero word of the active
+    /// buffer, clearing nothing (manual protect). Returns the bits seen.
+    pub(crate) fn copy_each(&self, mut f: impl FnMut(usize, u64)) -> u64 {
+        if !self.maybe_dirty.load(Ordering::Acquire) {
+            return 0;
+        }
+        let mut n = 0;
+        for (i, w) in self.active_buf().iter().enumerate() {
+            let v = w.load(Ordering::Acquire);
+            if v != 0 {
+                n += u64::from(v.count_ones());
+                f(i, v);
+            }
+        }
+        n
     }
 
     /// Clears, from word `first_word` on, the bits set in `mask`

@@ -484,3 +484,35 @@ fn no_write_lost_with_dirty_rings() {
         harvested.len()
     );
 }
+
+#[test]
+fn harvest_dirty_log_callback_and_small_clears() {
+    let vm = Vm::new(Config::default()).unwrap();
+    set(&vm, 0, LOG, 0, 4096 * 0x1000).unwrap(); // 4096 pages: 64 words
+    assert_eq!(vm.harvest_dirty_log(0, |_, _| panic!("clean slot: no callback")).unwrap(), 0);
+    for p in [1u64, 64, 65, 4095] {
+        assert_eq!(vm.mark_page_dirty(0, p), DirtyMark::Marked);
+    }
+    let mut got = Vec::new();
+    assert_eq!(vm.harvest_dirty_log(0, |w, bits| got.push((w, bits))).unwrap(), 4);
+    assert_eq!(got, vec![(0, 1 << 1), (1, 0b11), (63, 1 << 63)]);
+    assert_eq!(vm.harvest_dirty_log(0, |_, _| panic!("taken")).unwrap(), 0);
+    // Manual protect: the callback sees bits and clears nothing; a small
+    // clear (under a quarter of the bitmap) takes the fetch-and-andnot path.
+    vm.enable_manual_dirty_log_protect(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).unwrap();
+    for p in [3u64, 130, 2000] {
+        assert_eq!(vm.mark_page_dirty(0, p), DirtyMark::Marked);
+    }
+    assert_eq!(vm.harvest_dirty_log(0, |_, _| {}).unwrap(), 3);
+    assert_eq!(vm.clear_dirty_log(0, 128, 64, &[1 << 2]).unwrap(), 1, "page 130 only");
+    let mut left = Vec::new();
+    vm.harvest_dirty_log(0, |w, bits| left.push((w, bits))).unwrap();
+    assert_eq!(left, vec![(0, 1 << 3), (31, 1 << (2000 % 64))]);
+    // A clear of the whole bitmap (flip path) keeps pages not in the mask.
+    let mut mask = vec![0u64; 64];
+    mask[0] = 1 << 3;
+    assert_eq!(vm.clear_dirty_log(0, 0, 4096, &mask).unwrap(), 1);
+    let mut left = Vec::new();
+    vm.harvest_dirty_log(0, |w, bits| left.push((w, bits))).unwrap();
+    assert_eq!(left, vec![(31, 1 << (2000 % 64))]);
+}
