@@ -27,6 +27,16 @@ pub struct SlotDraft<D> {
 
 /// Architecture-specific behaviour of a VM's memslots. All methods have
 /// no-op defaults; [`NoArch`] uses them all.
+///
+/// Ordering guarantees (relied on by `memslots-mem` and the KVM backend):
+/// - `prepare_memory_region` is the last step of a change that can fail, and
+///   runs before the new slot is visible to any reader (for DELETE and MOVE,
+///   after the INVALID copy is visible).
+/// - `commit_memory_region` runs after both sets hold the change, i.e. after
+///   the last grace period of the change: for DELETE no reader can still see
+///   the old slot or its INVALID copy.
+/// - All hooks run under the VM's writer lock, one change at a time, in
+///   commit order.
 pub trait ArchHooks: Send + Sync + 'static {
     /// Per-slot arch metadata (x86: rmaps, large-page info). Shared by a
     /// slot and its INVALID copy, so make it cheap to clone (an `Arc`).

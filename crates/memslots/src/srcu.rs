@@ -139,11 +139,8 @@ impl Srcu {
         // re-check then fails; a record registered after the scan was
         // registered after the flip (the lock orders them), so its sections see
         // the new phase.
-        let pending: Vec<Arc<ReaderRecord>> = lock(&self.registry)
-            .iter()
-            .filter(|r| r.counts[old].load(Ordering::SeqCst) != 0)
-            .cloned()
-            .collect();
+        let pending: Vec<Arc<ReaderRecord>> =
+            lock(&self.registry).iter().filter(|r| r.counts[old].load(Ordering::SeqCst) != 0).cloned().collect();
         for record in pending.iter() {
             Self::wait_zero(&record.counts[old]);
         }

@@ -1,0 +1,336 @@
+//! The rust-vmm `vm-memory` 0.18 interface: code written against
+//! [`GuestMemoryBackend`] / [`GuestMemoryRegion`] / [`Bytes`](vm_memory::Bytes) /
+//! [`GuestAddressSpace`] (virtio queues, device emulation, vhost-user
+//! backends) runs unmodified on memslots.
+//!
+//! - [`MemslotsSnapshot`]: a [`GuestMemoryBackend`] over a *snapshot* of one
+//!   address space: the slots that were valid and backed when it was taken,
+//!   each a [`MemslotsRegion`] holding the slot's description and its
+//!   `Arc<HostMemory>`. Being a snapshot, it does **not** see later slot
+//!   changes, and it keeps the mappings of its slots alive (deleted slots
+//!   included) until it is dropped: take a fresh one per request.
+//! - [`MemslotsAddressSpace`]: a [`GuestAddressSpace`] whose
+//!   [`memory()`](GuestAddressSpace::memory) returns a snapshot of the
+//!   *current* slots (cached until the address space's memslot generation
+//!   changes) — the way `GuestMemoryAtomic` is used by rust-vmm devices.
+//!
+//! What is in a snapshot: valid (not INVALID), backed slots, READONLY ones
+//! included (a READONLY slot refuses *guest* writes; a device model using
+//! vm-memory writes host memory, as it would into a ROM region of a
+//! `GuestMemoryMmap`). Holes, INVALID and unbacked slots are absent.
+//!
+//! Dirty tracking: each region's bitmap ([`SlotDirtyLog`]) forwards writes to
+//! the memslots dirty log of the slot (by slot id and host address, so a
+//! write into a slot that was moved since the snapshot still marks the same
+//! slot-relative pages; a deleted or re-created slot is not marked). It does
+//! so only while the slot logs dirty pages, and costs one read section per
+//! write call.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use memslots::{SlotDesc, Vm, PAGE_SHIFT};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice, BS};
+use vm_memory::guest_memory::Result as GmResult;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
+    GuestMemoryRegionBytes, GuestUsize, MemoryRegionAddress, VolatileSlice,
+};
+
+use crate::guest::{GuestMemory, MemHooks, Slot};
+use crate::host::HostMemory;
+
+/// The dirty log of one memslot, as a vm-memory [`Bitmap`]: region-relative
+/// byte offsets are slot-relative, so page `offset >> 12` of the slot is
+/// marked in the memslots dirty log (bitmap) of the slot with this id and
+/// host address.
+pub struct SlotDirtyLog {
+    vm: Arc<Vm<MemHooks>>,
+    as_id: u16,
+    id: u16,
+    hva: u64,
+}
+
+impl std::fmt::Debug for SlotDirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotDirtyLog")
+            .field("as_id", &self.as_id)
+            .field("id", &self.id)
+            .field("hva", &format_args!("{:#x}", self.hva))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SlotDirtyLog {
+    /// Runs `f` on the current slot with this id if it is still the same
+    /// memory (same host address), inside a read section.
+    fn with_slot<R>(&self, f: impl FnOnce(&memslots::ReadGuard<'_, MemHooks>, &Slot) -> R) -> Option<R> {
+        let g = self.vm.read();
+        let slot = g.id_to_memslot(self.as_id, self.id)?;
+        (slot.userspace_addr == self.hva).then(|| f(&g, slot))
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for SlotDirtyLog {
+    type S = SlotDirtySlice<'a>;
+}
+
+impl Bitmap for SlotDirtyLog {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        self.with_slot(|g, slot| {
+            if !slot.logs_dirty_pages() {
+                return;
+            }
+            let first = offset as u64 >> PAGE_SHIFT;
+            let last = (offset as u64).saturating_add(len as u64 - 1) >> PAGE_SHIFT;
+            for rel in first..=last.min(slot.npages.saturating_sub(1)) {
+                let _ = g.mark_slot_page_dirty(slot, rel);
+            }
+        });
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        let rel = offset as u64 >> PAGE_SHIFT;
+        self.with_slot(|_, slot| slot.dirty_bitmap().is_some_and(|b| rel < slot.npages && b.test(rel))).unwrap_or(false)
+    }
+
+    fn slice_at(&self, offset: usize) -> SlotDirtySlice<'_> {
+        SlotDirtySlice { log: self, base: offset }
+    }
+}
+
+/// A [`SlotDirtyLog`] from a byte offset on ([`BitmapSlice`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SlotDirtySlice<'a> {
+    log: &'a SlotDirtyLog,
+    base: usize,
+}
+
+impl<'a> WithBitmapSlice<'_> for SlotDirtySlice<'a> {
+    type S = SlotDirtySlice<'a>;
+}
+
+impl BitmapSlice for SlotDirtySlice<'_> {}
+
+impl Bitmap for SlotDirtySlice<'_> {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        self.log.mark_dirty(self.base.saturating_add(offset), len);
+    }
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.log.dirty_at(self.base.saturating_add(offset))
+    }
+    fn slice_at(&self, offset: usize) -> Self {
+        SlotDirtySlice { log: self.log, base: self.base.saturating_add(offset) }
+    }
+}
+
+/// One memslot as a vm-memory region: guest range, host mapping, dirty log.
+// `repr(C)`: what every access reads comes first, in one cache line.
+#[derive(Debug)]
+#[repr(C)]
+pub struct MemslotsRegion {
+    start: GuestAddress,
+    len: usize,
+    /// Byte offset of the slot's first page in `mem`.
+    offset: usize,
+    mem: Arc<HostMemory>,
+    dirty: SlotDirtyLog,
+    desc: SlotDesc,
+    file_offset: Option<FileOffset>,
+}
+
+impl MemslotsRegion {
+    /// The slot as it was when the snapshot was taken.
+    pub fn desc(&self) -> &SlotDesc {
+        &self.desc
+    }
+    /// The host mapping.
+    pub fn host_memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+    /// Byte offset of the region's first byte in [`host_memory`](Self::host_memory).
+    pub fn host_offset(&self) -> usize {
+        self.offset
+    }
+    /// Whether the slot is `KVM_MEM_READONLY` (for the guest).
+    pub fn is_readonly(&self) -> bool {
+        self.desc.is_readonly()
+    }
+}
+
+impl GuestMemoryRegion for MemslotsRegion {
+    type B = SlotDirtyLog;
+
+    fn len(&self) -> GuestUsize {
+        self.len as GuestUsize
+    }
+
+    fn start_addr(&self) -> GuestAddress {
+        self.start
+    }
+
+    fn bitmap(&self) -> BS<'_, SlotDirtyLog> {
+        self.dirty.slice_at(0)
+    }
+
+    fn get_host_address(&self, addr: MemoryRegionAddress) -> GmResult<*mut u8> {
+        let off = usize::try_from(addr.raw_value()).map_err(|_| GuestMemoryError::InvalidBackendAddress)?;
+        if off >= self.len {
+            return Err(GuestMemoryError::InvalidBackendAddress);
+        }
+        // `offset + len <= mem.len()` (checked when the region was built).
+        self.mem.ptr_at(self.offset + off, 0).ok_or(GuestMemoryError::InvalidBackendAddress)
+    }
+
+    fn file_offset(&self) -> Option<&FileOffset> {
+        self.file_offset.as_ref()
+    }
+
+    fn get_slice(&self, offset: MemoryRegionAddress, count: usize) -> GmResult<VolatileSlice<'_, SlotDirtySlice<'_>>> {
+        let off = usize::try_from(offset.raw_value()).map_err(|_| GuestMemoryError::InvalidBackendAddress)?;
+        if off > self.len || count > self.len - off {
+            return Err(GuestMemoryError::InvalidBackendAddress);
+        }
+        let p = self.mem.ptr_at(self.offset + off, count).ok_or(GuestMemoryError::InvalidBackendAddress)?;
+        // SAFETY: `[p, p + count)` is inside the region, which is inside the
+        // mapping (checked above and at construction); the mapping lives as
+        // long as `self` (we hold an Arc), which the slice borrows. Guest
+        // memory is only accessed volatilely / by copies through raw pointers.
+        Ok(unsafe { VolatileSlice::with_bitmap(p, count, self.dirty.slice_at(off), None) })
+    }
+
+    fn is_hugetlbfs(&self) -> Option<bool> {
+        Some(self.mem.is_hugetlb())
+    }
+}
+
+impl GuestMemoryRegionBytes for MemslotsRegion {}
+
+/// A [`GuestMemoryBackend`] over the slots of one address space as they were
+/// when it was taken (see the [module docs](self)).
+#[derive(Debug)]
+pub struct MemslotsSnapshot {
+    as_id: u16,
+    generation: u64,
+    regions: Vec<Arc<MemslotsRegion>>,
+    /// `(start, len)` of each region, contiguous for the binary search.
+    bounds: Vec<(u64, u64)>,
+}
+
+impl MemslotsSnapshot {
+    /// The address space.
+    pub fn as_id(&self) -> u16 {
+        self.as_id
+    }
+    /// The memslot generation of the address space when the snapshot was taken.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The regions, in guest address order.
+    pub fn regions(&self) -> &[Arc<MemslotsRegion>] {
+        &self.regions
+    }
+}
+
+impl GuestMemoryBackend for MemslotsSnapshot {
+    type R = MemslotsRegion;
+
+    fn num_regions(&self) -> usize {
+        self.regions.len()
+    }
+
+    fn find_region(&self, addr: GuestAddress) -> Option<&MemslotsRegion> {
+        let a = addr.raw_value();
+        let i = self.bounds.partition_point(|&(start, _)| start <= a).checked_sub(1)?;
+        let (start, len) = self.bounds[i];
+        (a - start < len).then(|| &*self.regions[i])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &MemslotsRegion> {
+        self.regions.iter().map(|r| &**r)
+    }
+}
+
+impl GuestMemory {
+    /// A vm-memory view of the current slots of address space `as_id` (valid,
+    /// backed slots). It does not see later changes, and keeps its mappings
+    /// alive while it lives.
+    pub fn snapshot(&self, as_id: u16) -> Arc<MemslotsSnapshot> {
+        let vm = self.vm_arc();
+        let g = vm.read();
+        // Read the generation before the slots: if a publish races, the
+        // snapshot is tagged with the older generation and rebuilt next time.
+        let generation = vm.generation(as_id).unwrap_or(0);
+        let regions = g
+            .slots(as_id)
+            .filter(|s| !s.is_invalid())
+            .filter_map(|s| {
+                let b = s.arch().as_ref()?;
+                let len = usize::try_from(s.size()).ok()?;
+                // The hook only attaches a mapping that contains the slot; checked anyway.
+                b.memory().ptr_at(b.offset(), len)?;
+                let mem = Arc::clone(b.memory());
+                let file_offset =
+                    mem.file().map(|f| FileOffset::from_arc(Arc::clone(f), mem.file_offset() + b.offset() as u64));
+                Some(Arc::new(MemslotsRegion {
+                    desc: *s.desc(),
+                    start: GuestAddress(s.base_gfn << PAGE_SHIFT),
+                    len,
+                    offset: b.offset(),
+                    mem,
+                    file_offset,
+                    dirty: SlotDirtyLog { vm: Arc::clone(vm), as_id, id: s.id, hva: s.userspace_addr },
+                }))
+            })
+            .collect::<Vec<_>>();
+        let bounds = regions.iter().map(|r| (r.start.raw_value(), r.len as u64)).collect();
+        Arc::new(MemslotsSnapshot { as_id, generation, regions, bounds })
+    }
+
+    /// A vm-memory [`GuestAddressSpace`] over address space `as_id`.
+    pub fn address_space(&self, as_id: u16) -> MemslotsAddressSpace {
+        MemslotsAddressSpace { mem: self.clone(), as_id, cache: Arc::new(Mutex::new(None)) }
+    }
+}
+
+/// A [`GuestAddressSpace`] over one address space of a [`GuestMemory`]:
+/// [`memory()`](GuestAddressSpace::memory) returns a snapshot of the current
+/// slots, reused while the memslot generation is unchanged. Clones share the cache.
+#[derive(Clone, Debug)]
+pub struct MemslotsAddressSpace {
+    mem: GuestMemory,
+    as_id: u16,
+    cache: Arc<Mutex<Option<Arc<MemslotsSnapshot>>>>,
+}
+
+impl MemslotsAddressSpace {
+    /// The guest memory.
+    pub fn guest_memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+    /// The address space.
+    pub fn as_id(&self) -> u16 {
+        self.as_id
+    }
+}
+
+impl GuestAddressSpace for MemslotsAddressSpace {
+    type M = MemslotsSnapshot;
+    type T = Arc<MemslotsSnapshot>;
+
+    fn memory(&self) -> Arc<MemslotsSnapshot> {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.mem.vm().generation(self.as_id);
+        if let Some(s) = cache.as_ref() {
+            if Some(s.generation) == now {
+                return Arc::clone(s);
+            }
+        }
+        let s = self.mem.snapshot(self.as_id);
+        // A snapshot taken while an update was in progress may be stale.
+        *cache = (s.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0).then(|| Arc::clone(&s));
+        s
+    }
+}
