@@ -47,6 +47,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod extra;
 mod guest;
 mod micro;
 mod scenarios;
@@ -142,6 +143,8 @@ struct Plan {
     /// Largest slot count of the real-KVM setup comparison (the micro sweep's
     /// `build` already has the kernel at every count).
     kvm_setup_max: u32,
+    /// The other issues' targets (dirty logging, guest memory, backend).
+    extra: extra::ExtraPlan,
 }
 
 impl Plan {
@@ -165,6 +168,12 @@ impl Plan {
                 },
                 guest_budget: Duration::from_millis(50),
                 kvm_setup_max: 512,
+                extra: extra::ExtraPlan {
+                    harvest_pages: 1 << 18,
+                    mem_slots: 512,
+                    backend_sizes: vec![100],
+                    batches: 3,
+                },
             }
         } else if args.quick {
             Plan {
@@ -184,6 +193,12 @@ impl Plan {
                 },
                 guest_budget: Duration::from_millis(500),
                 kvm_setup_max: 4096,
+                extra: extra::ExtraPlan {
+                    harvest_pages: 1 << 24,
+                    mem_slots: 32_000,
+                    backend_sizes: vec![100, 32_000],
+                    batches: 7,
+                },
             }
         } else {
             Plan {
@@ -203,6 +218,12 @@ impl Plan {
                 },
                 guest_budget: Duration::from_secs(2),
                 kvm_setup_max: u32::MAX,
+                extra: extra::ExtraPlan {
+                    harvest_pages: 1 << 24,
+                    mem_slots: 32_000,
+                    backend_sizes: vec![100, 32_000],
+                    batches: 15,
+                },
             }
         }
     }
@@ -292,7 +313,7 @@ pub fn run(args: &PerfArgs) -> Result<()> {
         }
     };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let units = plan.micro.sizes.len() + scenarios::SCENARIOS.len() * plan.scen.sizes.len() + 2;
+    let units = plan.micro.sizes.len() + scenarios::SCENARIOS.len() * plan.scen.sizes.len() + 3;
     let progress = Progress::new(u64::try_from(units).unwrap_or(0));
 
     let mut micro_points = Vec::new();
@@ -320,9 +341,18 @@ pub fn run(args: &PerfArgs) -> Result<()> {
         }
     }
     progress.done();
+    progress.start("dirty logging, guest memory, backend targets".into());
+    let mut extra_targets = Vec::new();
+    if let Err(e) = extra::run(&plan.extra, kvm.is_some(), &mut extra_targets) {
+        let why = format!("other issues' targets: {e:#}");
+        progress.bar.suspend(|| eprintln!("memslots perf: skipped: {why}"));
+        skipped.push(why);
+    }
+    progress.done();
     progress.bar.finish_and_clear();
 
-    let targets = table::targets(&micro_points);
+    let mut targets = table::targets(&micro_points);
+    targets.extend(extra_targets);
     let report = Report {
         schema_version: 1,
         mode: plan.mode,

@@ -1,0 +1,328 @@
+//! The other issues' targets, measured in the same run against their peers:
+//! dirty logging (vs vm-memory's `AtomicBitmap`), guest-memory access (vs
+//! vm-memory's `GuestMemoryMmap` and plain `memcpy`), and the KVM backend's
+//! overhead over the raw `KVM_SET_USER_MEMORY_REGION` ioctl.
+
+use super::{fl, median, Target};
+use anyhow::{anyhow, Result};
+use kvm_bindings::kvm_userspace_memory_region;
+use memslots::{Config, UserMemoryRegion, Vm, KVM_MEM_LOG_DIRTY_PAGES};
+use memslots_mem::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use memslots_mem::{GuestMemory, MapOptions};
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::num::NonZeroUsize;
+use std::time::Instant;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+
+/// Sizes of one run.
+pub(crate) struct ExtraPlan {
+    /// Pages of the harvested slot (2^24 = 64 GiB).
+    pub(crate) harvest_pages: u64,
+    /// Slots of the guest-memory access benchmark.
+    pub(crate) mem_slots: u64,
+    /// Slot counts of the backend comparison.
+    pub(crate) backend_sizes: Vec<u32>,
+    /// Batches each median is taken over.
+    pub(crate) batches: usize,
+}
+
+const HVA: u64 = 0x1000_0000;
+const PAGE: u64 = 4096;
+
+fn any<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("{e:?}")
+}
+
+fn random(n: usize, below: u64, seed: u64) -> Vec<u64> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % below
+        })
+        .collect()
+}
+
+fn usz(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+/// Median over `batches` of the time per operation of `ops` calls of `f(i)`.
+fn per_op(batches: usize, ops: u64, mut f: impl FnMut(usize)) -> f64 {
+    let mut v = Vec::with_capacity(batches);
+    let mut i = 0usize;
+    for _ in 0..batches {
+        let t = Instant::now();
+        for _ in 0..ops {
+            f(i);
+            i = i.wrapping_add(1);
+        }
+        v.push(t.elapsed().as_secs_f64() * 1e9 / fl(usz(ops)));
+    }
+    median(v)
+}
+
+/// Median over `batches` of the time of `timed()` after an untimed `setup()`.
+fn per_call(batches: usize, mut setup: impl FnMut(), mut timed: impl FnMut()) -> f64 {
+    let v = (0..batches)
+        .map(|_| {
+            setup();
+            let t = Instant::now();
+            timed();
+            t.elapsed().as_secs_f64() * 1e9
+        })
+        .collect();
+    median(v)
+}
+
+fn target(name: String, slots: u32, goal_ns: f64, memslots: f64, peers: &[(&'static str, f64)]) -> Target {
+    Target {
+        name,
+        slots,
+        goal_ns,
+        memslots_ns: Some(memslots),
+        met: Some(memslots <= goal_ns),
+        peers: peers.iter().copied().collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// Measures every extra target; `kvm` says whether the backend part can run.
+pub(crate) fn run(plan: &ExtraPlan, kvm: bool, out: &mut Vec<Target>) -> Result<()> {
+    dirty(plan, out)?;
+    guest_memory(plan, out)?;
+    if kvm {
+        backend(plan, out)?;
+    }
+    Ok(())
+}
+
+fn logging_vm(pages: u64) -> Result<Vm> {
+    let vm = Vm::new(Config::x86_64().with_address_spaces(1)).map_err(any)?;
+    vm.set_user_memory_region(&UserMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, pages * PAGE, HVA)).map_err(any)?;
+    Ok(vm)
+}
+
+fn dirty(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
+    // Marking: a 1 GiB slot, random pages, through a vCPU's held section.
+    let pages = 1u64 << 18;
+    let idx = random(1 << 16, pages, 7);
+    let vm = logging_vm(pages)?;
+    let vcpu = vm.vcpu();
+    let mark = {
+        let g = vcpu.read();
+        per_op(plan.batches, 200_000, |i| {
+            let _ = black_box(g.mark_page_dirty(idx[i & 0xffff]));
+        })
+    };
+    let bitmap = AtomicBitmap::new(usz(pages * PAGE), NonZeroUsize::MIN.saturating_add(4095));
+    let vmm_mark = per_op(plan.batches, 200_000, |i| bitmap.mark_dirty(usz(idx[i & 0xffff] * PAGE), 1));
+    out.push(target("mark_page_dirty (vCPU, held section)".into(), 1, 5.0, mark, &[("vm-memory", vmm_mark)]));
+    drop(vcpu);
+
+    // Ring push: batches below the soft limit, harvested and reset untimed.
+    let vm = Vm::new(Config::x86_64().with_address_spaces(1)).map_err(any)?;
+    vm.enable_dirty_log_ring(65536 * 16).map_err(any)?;
+    vm.set_user_memory_region(&UserMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, pages * PAGE, HVA)).map_err(any)?;
+    let vcpu = vm.vcpu();
+    let mut pushes = Vec::new();
+    for _ in 0..plan.batches {
+        let g = vcpu.read();
+        let t = Instant::now();
+        for (i, &p) in idx.iter().enumerate().take(60_000) {
+            let _ = black_box(g.mark_page_dirty(p ^ u64::try_from(i & 1).unwrap_or(0)));
+        }
+        pushes.push(t.elapsed().as_secs_f64() * 1e9 / 60_000.0);
+        drop(g);
+        vm.harvest_dirty_rings(|_, e| {
+            black_box(e);
+        });
+        vm.reset_dirty_rings();
+    }
+    out.push(target("dirty ring push".into(), 1, 10.0, median(pushes), &[]));
+    drop(vcpu);
+
+    // Harvesting a large slot (64 GiB in quick/full mode): 1% and none dirty.
+    let hp = plan.harvest_pages;
+    let gib = (hp * PAGE) >> 30;
+    let dirty = random(usz(hp / 100), hp, 11);
+    let vm = logging_vm(hp)?;
+    let vcpu = vm.vcpu();
+    let mut buf = vec![0u64; usz(hp / 64)];
+    let mark_all = || {
+        let g = vcpu.read();
+        for &p in &dirty {
+            let _ = black_box(g.mark_page_dirty(p));
+        }
+    };
+    let batches = plan.batches.min(9);
+    let get1 = per_call(batches, mark_all, || {
+        vm.get_dirty_log(0, &mut buf).ok();
+    });
+    let get0 = per_call(
+        batches,
+        || {},
+        || {
+            vm.get_dirty_log(0, &mut buf).ok();
+        },
+    );
+    let cb0 = per_call(
+        batches,
+        || {},
+        || {
+            vm.harvest_dirty_log(0, |_, b| {
+                black_box(b);
+            })
+            .ok();
+        },
+    );
+    let vbits = AtomicBitmap::new(usz(hp * PAGE), NonZeroUsize::MIN.saturating_add(4095));
+    let vmm1 = per_call(
+        batches,
+        || dirty.iter().for_each(|&p| vbits.mark_dirty(usz(p * PAGE), 1)),
+        || {
+            black_box(vbits.get_and_reset());
+        },
+    );
+    let vmm0 = per_call(
+        batches,
+        || {},
+        || {
+            black_box(vbits.get_and_reset());
+        },
+    );
+    out.push(target(
+        format!("harvest {gib} GiB slot, 1% dirty (get_dirty_log: take+clear)"),
+        1,
+        300_000.0,
+        get1,
+        &[("vm-memory", vmm1)],
+    ));
+    out.push(target(
+        format!("harvest {gib} GiB slot, none dirty (harvest_dirty_log)"),
+        1,
+        20_000.0,
+        cb0,
+        &[("vm-memory", vmm0), ("memslots get_dirty_log", get0)],
+    ));
+    Ok(())
+}
+
+fn guest_memory(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
+    const SLOT_BYTES: u64 = 0x4000;
+    const STRIDE: u64 = 0x20_0000;
+    let n = plan.mem_slots;
+    let mem = GuestMemory::new(Config::default()).map_err(any)?;
+    let ram = mem.map_anonymous(n * SLOT_BYTES, &MapOptions::new().no_reserve(true)).map_err(any)?;
+    for i in 0..n {
+        mem.set_region(u32::try_from(i)?, 0, i * STRIDE, &ram, i * SLOT_BYTES, SLOT_BYTES).map_err(any)?;
+    }
+    let ranges: Vec<(GuestAddress, usize)> = (0..n).map(|i| (GuestAddress(i * STRIDE), usz(SLOT_BYTES))).collect();
+    let gm = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(any)?;
+    let gpas: Vec<u64> = random(1 << 16, n * (SLOT_BYTES / 8), 3)
+        .into_iter()
+        .map(|x| (x / (SLOT_BYTES / 8)) * STRIDE + (x % (SLOT_BYTES / 8)) * 8)
+        .collect();
+    for &g in &gpas {
+        let _: u64 = mem.read_obj(0, g).map_err(any)?;
+        let _: u64 = gm.read_obj(GuestAddress(g)).map_err(any)?;
+    }
+    let ours = {
+        let s = mem.section();
+        per_op(plan.batches, 200_000, |i| {
+            black_box(s.read_obj::<u64>(0, gpas[i & 0xffff]).ok());
+        })
+    };
+    let theirs = per_op(plan.batches, 200_000, |i| {
+        black_box(gm.read_obj::<u64>(GuestAddress(gpas[i & 0xffff])).ok());
+    });
+    let slots = u32::try_from(n)?;
+    out.push(target(
+        format!("8-byte read_obj, random gpa, {n} slots (>= 2x vm-memory)"),
+        slots,
+        theirs / 2.0,
+        ours,
+        &[("vm-memory", theirs)],
+    ));
+
+    const COPY: usize = 64 * 1024;
+    let mem = GuestMemory::new(Config::default()).map_err(any)?;
+    let ram = mem.map_anonymous(2 * COPY as u64, &MapOptions::new().populate(true)).map_err(any)?;
+    ram.fill(0, ram.len(), 0x5a).ok_or_else(|| anyhow!("fill failed"))?;
+    mem.set_region(0, 0, 0x10_0000, &ram, 0, 2 * COPY as u64).map_err(any)?;
+    let mut buf = vec![0u8; COPY];
+    let ours = per_op(plan.batches, 2_000, |_| {
+        mem.read(0, 0x10_0800, &mut buf).ok();
+        black_box(&buf);
+    });
+    let src = ram.as_ptr();
+    let memcpy = per_op(plan.batches, 2_000, |_| {
+        // SAFETY: `src + 0x800 .. + COPY` lies inside the 128 KiB mapping,
+        // alive while `ram` is held; `buf` is a distinct allocation of COPY bytes.
+        unsafe { std::ptr::copy_nonoverlapping(black_box(src).add(0x800), buf.as_mut_ptr(), COPY) };
+        black_box(&buf);
+    });
+    out.push(target(
+        "64 KiB copy from guest memory (>= 80% of memcpy)".into(),
+        1,
+        memcpy / 0.8,
+        ours,
+        &[("memcpy", memcpy)],
+    ));
+    Ok(())
+}
+
+fn raw_set(vm: &kvm_ioctls::VmFd, slot: u32, gpa: u64) -> Result<()> {
+    let r = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: gpa,
+        memory_size: 0x1_0000,
+        userspace_addr: HVA + u64::from(slot) * 0x20_0000,
+    };
+    // SAFETY: no vCPU is ever created on this VM: the kernel only records the
+    // (unmapped) host range and never accesses it.
+    unsafe { vm.set_user_memory_region(r) }.map_err(any)
+}
+
+fn backend(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
+    let gpa = |i: u32| u64::from(i) * 0x20_0000;
+    for &n in &plan.backend_sizes {
+        let k = n / 2;
+        let away = gpa(n + 1);
+        let raw = kvm_ioctls::Kvm::new().map_err(any)?.create_vm().map_err(any)?;
+        for i in 0..n {
+            raw_set(&raw, i, gpa(i))?;
+        }
+        // SAFETY: no vCPU is ever created on this VM.
+        let vm = unsafe { memslots_kvm::new_kvm_vm() }?;
+        for i in 0..n {
+            vm.set_user_memory_region(&UserMemoryRegion::new(i, 0, gpa(i), 0x1_0000, HVA + u64::from(i) * 0x20_0000))
+                .map_err(any)?;
+        }
+        let hva = HVA + u64::from(k) * 0x20_0000;
+        // Interleave batches of the two so drift of the (nested) kernel's
+        // speed over time does not land in the difference.
+        let (mut ioctl, mut lib) = (Vec::new(), Vec::new());
+        for _ in 0..plan.batches.max(5) {
+            ioctl.push(per_op(1, 40, |i| {
+                raw_set(&raw, k, if i % 2 == 0 { away } else { gpa(k) }).ok();
+            }));
+            lib.push(per_op(1, 40, |i| {
+                let to = if i % 2 == 0 { away } else { gpa(k) };
+                vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, 0x1_0000, hva)).ok();
+            }));
+        }
+        let (ioctl, lib) = (median(ioctl), median(lib));
+        out.push(target(
+            format!("move via library+KVM, {n} slots (<= 5% over the ioctl)"),
+            n,
+            ioctl * 1.05,
+            lib,
+            &[("kvm", ioctl)],
+        ));
+    }
+    Ok(())
+}
