@@ -40,9 +40,8 @@ pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(),
 /// Merges the kernel's dirty bitmap of `slot` (`npages` pages) into the
 /// library's. Returns the pages merged.
 pub fn sync_dirty_log(vm: &KvmVm, slot: u32, mode: KernelDirtyMode) -> Result<u64, Errno> {
-    let Some(npages) =
-        vm.id_to_slot_desc(u16::try_from(slot >> 16).unwrap_or(u16::MAX), (slot & 0xffff) as u16).map(|d| d.npages)
-    else {
+    let sid = memslots::SlotId::from_raw(slot);
+    let Some(npages) = vm.id_to_slot_desc(sid.as_id, sid.id).map(|d| d.npages) else {
         return Err(Errno::ENOENT);
     };
     let fd: &VmFd = vm.hooks().vm_fd();
