@@ -219,6 +219,18 @@ fn away(slot: u32) -> u64 {
     0x1000_0000 + u64::from(slot) * 0x10_0000
 }
 
+/// The next random gfn the markers touch: a random page of a random slot, at
+/// its home or away position (so some marks miss a slot that moved).
+fn random_gfn(rng: &mut u64) -> u64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let slot = u32::try_from(*rng % u64::from(SLOTS)).unwrap();
+    let page = (*rng >> 8) % PAGES;
+    let base = if (*rng >> 20) & 1 == 0 { home(slot) } else { away(slot) };
+    (base >> 12) + page
+}
+
 /// A recorded mark: (slot, page offset, clock before, clock after).
 type Mark = (u32, u64, u64, u64);
 
@@ -263,13 +275,7 @@ fn stress_bitmaps(manual: bool) {
                     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ t;
                     let mut marks = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        let slot = u32::try_from(rng % u64::from(SLOTS)).unwrap();
-                        let page = (rng >> 8) % PAGES;
-                        let base = if (rng >> 20) & 1 == 0 { home(slot) } else { away(slot) };
-                        let gfn = (base >> 12) + page;
+                        let gfn = random_gfn(&mut rng);
                         let t0 = clock.fetch_add(1, Ordering::SeqCst);
                         let g = vcpu.read();
                         // Two lookups in one section may see different states:
@@ -397,13 +403,7 @@ fn no_write_lost_with_dirty_rings() {
                     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::try_from(t).unwrap();
                     let (mut marks, mut soft_full) = (Vec::new(), 0u64);
                     while !stop.load(Ordering::Relaxed) {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        let slot = u32::try_from(rng % u64::from(SLOTS)).unwrap();
-                        let page = (rng >> 8) % PAGES;
-                        let base = if (rng >> 20) & 1 == 0 { home(slot) } else { away(slot) };
-                        let gfn = (base >> 12) + page;
+                        let gfn = random_gfn(&mut rng);
                         // Mark exactly the slot the lookup found (see above).
                         let mark = || {
                             let g = vcpu.read();
