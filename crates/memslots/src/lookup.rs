@@ -28,15 +28,10 @@ impl<H: ArchHooks> core::fmt::Debug for ReadGuard<'_, H> {
     }
 }
 
-/// Translation result of a gfn index entry: KVM's `__gfn_to_hva_many`.
+/// KVM's `__gfn_to_hva_many` for `gfn` inside a slot starting at `base`
+/// with host address `hva` and `flags` (the caller checked the range).
 #[inline]
-pub(crate) fn entry_to_hva(
-    base: u64,
-    npages_hva_flags: (u64, u64, u32),
-    gfn: u64,
-    write: bool,
-) -> Result<u64, HvaError> {
-    let (_npages, hva, flags) = npages_hva_flags;
+pub(crate) fn entry_to_hva(base: u64, hva: u64, flags: u32, gfn: u64, write: bool) -> Result<u64, HvaError> {
     if flags & KVM_MEMSLOT_INVALID != 0 {
         return Err(HvaError::Invalid);
     }
@@ -104,7 +99,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     pub fn gfn_to_hva_prot(&self, as_id: u16, gfn: u64) -> Result<(u64, bool), HvaError> {
         let set = self.set(as_id).ok_or(HvaError::NoSlot)?;
         let (base, e) = set.search(gfn).ok_or(HvaError::NoSlot)?;
-        let hva = entry_to_hva(base, (e.npages, e.hva, e.flags), gfn, false)?;
+        let hva = entry_to_hva(base, e.hva, e.flags, gfn, false)?;
         Ok((hva, e.flags & KVM_MEM_READONLY == 0))
     }
 
@@ -114,7 +109,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     pub fn gfn_to_hva_many(&self, as_id: u16, gfn: u64, write: bool) -> Result<(u64, u64), HvaError> {
         let set = self.set(as_id).ok_or(HvaError::NoSlot)?;
         let (base, e) = set.search(gfn).ok_or(HvaError::NoSlot)?;
-        let hva = entry_to_hva(base, (e.npages, e.hva, e.flags), gfn, write)?;
+        let hva = entry_to_hva(base, e.hva, e.flags, gfn, write)?;
         Ok((hva, e.npages - (gfn - base)))
     }
 

@@ -149,7 +149,7 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
         // The generation is that of the active set: equal means no publish has
         // started since the cache was filled, so the copies are current.
         if gfn.wrapping_sub(c.base_gfn) < c.npages && space.generation() == c.gen {
-            return entry_to_hva(c.base_gfn, (c.npages, c.hva, c.flags), gfn, write).map(|h| (h, c.flags));
+            return entry_to_hva(c.base_gfn, c.hva, c.flags, gfn, write).map(|h| (h, c.flags));
         }
         self.translate_slow(gfn, write)
     }
@@ -158,7 +158,7 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
     fn translate_slow(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
         let guard = self.read();
         let hit = guard.lookup(gfn).ok_or(HvaError::NoSlot)?;
-        entry_to_hva(hit.base_gfn, (hit.npages, hit.hva, hit.flags), gfn, write).map(|h| (h, hit.flags))
+        entry_to_hva(hit.base_gfn, hit.hva, hit.flags, gfn, write).map(|h| (h, hit.flags))
     }
 }
 
