@@ -72,8 +72,7 @@ impl<H: ArchHooks> Vm<H> {
         if args & !allowed != 0 {
             return Err(Error::InvalidCapArgs { args });
         }
-        let mut w = lock(&self.writer);
-        w.manual_protect = args;
+        let _w = lock(&self.writer);
         self.manual_protect.store(args, Ordering::Relaxed);
         Ok(())
     }
@@ -188,7 +187,7 @@ impl<H: ArchHooks> Vm<H> {
     /// call); with it, it copies and clears nothing. Returns the words written.
     pub fn get_dirty_log(&self, slot: u32, out: &mut [u64]) -> Result<usize, Error> {
         let w = lock(&self.writer);
-        let manual = w.manual_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        let manual = self.manual_dirty_log_protect();
         self.with_bitmap(&w, slot, None, |b, _| {
             let need = b.len_words();
             let got = out.len();
@@ -210,7 +209,7 @@ impl<H: ArchHooks> Vm<H> {
     /// (seed 004). Returns the number of dirty pages.
     pub fn harvest_dirty_log(&self, slot: u32, mut f: impl FnMut(usize, u64)) -> Result<u64, Error> {
         let w = lock(&self.writer);
-        let manual = w.manual_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        let manual = self.manual_dirty_log_protect();
         self.with_bitmap(&w, slot, None, |b, _| {
             if manual {
                 Ok(b.copy_each(&mut f))

@@ -218,7 +218,7 @@ impl<H: ArchHooks> Vm<H> {
     /// checks, then the arch hook.
     fn prepare(
         &self,
-        w: &WriterState,
+        _w: &WriterState, // proof that the writer lock is held
         change: MemoryChange,
         old: Option<&Slot<H>>,
         draft: Option<&mut SlotDraft<H::SlotData>>,
@@ -229,7 +229,9 @@ impl<H: ArchHooks> Vm<H> {
                 if let Some(b) = old.and_then(|o| o.dirty_bitmap.as_ref()) {
                     bitmap = Some(Arc::clone(b));
                 } else if self.use_dirty_bitmap() {
-                    let initially_set = w.manual_protect & crate::dirty_log::KVM_DIRTY_LOG_INITIALLY_SET != 0;
+                    let initially_set = self.manual_protect.load(Ordering::Relaxed)
+                        & crate::dirty_log::KVM_DIRTY_LOG_INITIALLY_SET
+                        != 0;
                     bitmap = Some(Arc::new(DirtyBitmap::try_new(new.desc.npages, initially_set)?));
                 }
             }

@@ -19,8 +19,6 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 pub(crate) struct WriterState {
     /// Sum of pages over all slots of all address spaces (`nr_memslot_pages`).
     pub(crate) nr_memslot_pages: u64,
-    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` arguments in force.
-    pub(crate) manual_protect: u64,
 }
 
 /// vCPUs created so far and their dirty rings (KVM: `kvm->lock`).
@@ -42,7 +40,9 @@ pub struct Vm<H: ArchHooks = NoArch> {
     pub(crate) hooks: H,
     /// Mirror of `WriterState::nr_memslot_pages` for lock-free statistics.
     pub(crate) total_pages: AtomicU64,
-    /// Mirror of `WriterState::manual_protect`, read by markers.
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` arguments in force. Written under
+    /// the writer lock, which every path that acts on it also holds; atomic so
+    /// that [`Vm::manual_dirty_log_protect`] can read it without the lock.
     pub(crate) manual_protect: AtomicU64,
     /// vCPUs and rings.
     pub(crate) vcpus: Mutex<VcpuRegistry>,
