@@ -83,6 +83,18 @@ fn mark(c: &mut Criterion) {
     g.finish();
 }
 
+/// `iters` rounds of an untimed `setup` (marking the pages) and a timed `op`.
+fn timed_after(iters: u64, mut setup: impl FnMut(), mut op: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        setup();
+        let t = Instant::now();
+        op();
+        total += t.elapsed();
+    }
+    total
+}
+
 fn harvest(c: &mut Criterion) {
     let pages: u64 = 1 << 24; // 64 GiB slot: 16 Mi pages
     let words = usize_of(pages / 64);
@@ -90,79 +102,61 @@ fn harvest(c: &mut Criterion) {
     let mut g = c.benchmark_group("harvest_64GiB");
     g.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     for (label, marks) in [("none dirty", &dirty[..0]), ("1% dirty", &dirty[..])] {
+        let mut buf = vec![0u64; words];
         // Without manual protect: GET takes and clears.
         let vm = logging_vm(pages, false);
         let vcpu = vm.vcpu();
-        let mut buf = vec![0u64; words];
+        let mark = || {
+            let guard = vcpu.read();
+            for &p in marks {
+                assert_eq!(guard.mark_page_dirty(p), DirtyMark::Marked);
+            }
+        };
         g.bench_function(BenchmarkId::new("memslots/get_dirty_log", label), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let guard = vcpu.read();
-                    for &p in marks {
-                        assert_eq!(guard.mark_page_dirty(p), DirtyMark::Marked);
-                    }
-                    drop(guard);
-                    let t = Instant::now();
+                timed_after(iters, mark, || {
                     vm.get_dirty_log(0, &mut buf).unwrap();
-                    total += t.elapsed();
                     black_box(&buf);
-                }
-                total
+                })
             })
         });
         g.bench_function(BenchmarkId::new("memslots/harvest_dirty_log (callback)", label), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let guard = vcpu.read();
-                    for &p in marks {
-                        let _ = guard.mark_page_dirty(p);
-                    }
-                    drop(guard);
+                timed_after(iters, mark, || {
                     let mut pages = 0u64;
-                    let t = Instant::now();
                     vm.harvest_dirty_log(0, |_, bits| pages += u64::from(bits.count_ones())).unwrap();
-                    total += t.elapsed();
                     black_box(pages);
-                }
-                total
+                })
             })
         });
         // Manual protect: GET copies, CLEAR clears what was returned.
         let vm = logging_vm(pages, true);
         let vcpu = vm.vcpu();
+        let mark = || {
+            let guard = vcpu.read();
+            for &p in marks {
+                assert_eq!(guard.mark_page_dirty(p), DirtyMark::Marked);
+            }
+        };
         let n = u32::try_from(pages).unwrap();
         g.bench_function(BenchmarkId::new("memslots/get+clear (manual protect)", label), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let guard = vcpu.read();
-                    for &p in marks {
-                        let _ = guard.mark_page_dirty(p);
-                    }
-                    drop(guard);
-                    let t = Instant::now();
+                timed_after(iters, mark, || {
                     vm.get_dirty_log(0, &mut buf).unwrap();
                     vm.clear_dirty_log(0, 0, n, &buf).unwrap();
-                    total += t.elapsed();
-                }
-                total
+                })
             })
         });
         let bitmap = AtomicBitmap::new(usize_of(pages * PAGE), NonZeroUsize::new(4096).unwrap());
         g.bench_function(BenchmarkId::new("vm-memory/AtomicBitmap::get_and_reset", label), |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    for &p in marks {
-                        bitmap.mark_dirty(usize_of(p * PAGE), 1);
-                    }
-                    let t = Instant::now();
-                    black_box(bitmap.get_and_reset());
-                    total += t.elapsed();
-                }
-                total
+                timed_after(
+                    iters,
+                    || marks.iter().for_each(|&p| bitmap.mark_dirty(usize_of(p * PAGE), 1)),
+                    || {
+                        black_box(bitmap.get_and_reset());
+                    },
+                )
             })
         });
     }
