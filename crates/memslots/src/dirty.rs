@@ -23,15 +23,21 @@
 
 use crate::error::Error;
 use crate::sync::Ordering;
-use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize};
 
 /// One slot's dirty bitmap.
 #[derive(Debug)]
 pub struct DirtyBitmap {
-    bufs: [Box<[AtomicU64]>; 2],
+    /// `Vec`s, not boxed slices: `active_ptr` points into them, and moving a
+    /// `Box` would (under Stacked Borrows) invalidate pointers derived from it.
+    bufs: [Vec<AtomicU64>; 2],
+    /// Index of the active buffer: read and written only by harvesters,
+    /// which are serialised by the writer lock.
     active: AtomicUsize,
+    /// Start of the active buffer (`bufs[active]`), for markers: one load
+    /// instead of an index load and a dependent buffer-pointer load.
+    active_ptr: AtomicPtr<AtomicU64>,
     npages: u64,
     /// False only when no bit has been set since the last take.
     maybe_dirty: AtomicBool,
@@ -42,11 +48,11 @@ pub(crate) fn words_for(npages: u64) -> usize {
     usize::try_from(npages.div_ceil(64)).unwrap_or(usize::MAX)
 }
 
-fn try_zeroed(n: usize) -> Result<Box<[AtomicU64]>, Error> {
+fn try_zeroed(n: usize) -> Result<Vec<AtomicU64>, Error> {
     let mut v: Vec<AtomicU64> = Vec::new();
     v.try_reserve_exact(n).map_err(|_| Error::NoMemory { bytes: n.saturating_mul(8) })?;
     v.extend((0..n).map(|_| AtomicU64::new(0)));
-    Ok(v.into_boxed_slice())
+    Ok(v)
 }
 
 impl DirtyBitmap {
@@ -55,9 +61,12 @@ impl DirtyBitmap {
     /// it holds two buffers (KVM's second one is for the harvest copy).
     pub fn try_new(npages: u64, all_set: bool) -> Result<Self, Error> {
         let n = words_for(npages);
+        let bufs = [try_zeroed(n)?, try_zeroed(n)?];
+        let first = bufs[0].as_ptr().cast_mut();
         let b = DirtyBitmap {
-            bufs: [try_zeroed(n)?, try_zeroed(n)?],
+            bufs,
             active: AtomicUsize::new(0),
+            active_ptr: AtomicPtr::new(first),
             npages,
             maybe_dirty: AtomicBool::new(false),
         };
@@ -83,7 +92,11 @@ impl DirtyBitmap {
 
     #[inline]
     fn active_buf(&self) -> &[AtomicU64] {
-        &self.bufs[self.active.load(Ordering::Acquire) & 1]
+        let p = self.active_ptr.load(Ordering::Acquire);
+        // SAFETY: `active_ptr` always holds `bufs[0].as_ptr()` or
+        // `bufs[1].as_ptr()` (set in `try_new` and `flip`), and both buffers
+        // have `len_words()` elements and live as long as `self`.
+        unsafe { core::slice::from_raw_parts(p, self.len_words()) }
     }
 
     /// Marks page `rel` (relative to the slot's base gfn); out-of-range pages
@@ -95,7 +108,11 @@ impl DirtyBitmap {
             return;
         }
         let (w, bit) = (word_index(rel), 1u64 << (rel % 64));
-        let word = &self.active_buf()[w];
+        let p = self.active_ptr.load(Ordering::Acquire);
+        // SAFETY: `p` is the start of one of the two buffers (see
+        // `active_buf`), each `words_for(npages)` words long, and
+        // `rel < npages` makes `w` one of those words.
+        let word = unsafe { &*p.add(w) };
         if word.load(Ordering::Relaxed) & bit == 0 {
             word.fetch_or(bit, Ordering::Release);
         }
@@ -171,7 +188,8 @@ impl DirtyBitmap {
         // buffer also sees the cleared hint and sets it again.
         self.maybe_dirty.store(false, Ordering::SeqCst);
         let old = self.active.load(Ordering::Relaxed) & 1;
-        self.active.store(old ^ 1, Ordering::SeqCst);
+        self.active.store(old ^ 1, Ordering::Relaxed);
+        self.active_ptr.store(self.bufs[old ^ 1].as_ptr().cast_mut(), Ordering::SeqCst);
         grace_period();
         Some(old)
     }

@@ -39,18 +39,20 @@ pub const KVM_DIRTY_LOG_MANUAL_CAPS: u64 = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE |
 /// vCPU context with rings on) or in the slot's bitmap.
 #[inline]
 pub(crate) fn mark_in_slot<D>(slot: &MemorySlot<D>, rel: u64, ring: Option<&DirtyRing>) -> DirtyMark {
-    if !slot.logs_dirty_pages() || rel >= slot.npages {
-        return DirtyMark::NotLogged;
-    }
     if let Some(ring) = ring {
+        if !slot.logs_dirty_pages() || rel >= slot.npages {
+            return DirtyMark::NotLogged;
+        }
         return ring.push(slot.slot(), rel);
     }
+    // A slot has a bitmap exactly while it logs (and bitmaps are in use);
+    // `mark` ignores pages past the slot's end.
     match slot.dirty_bitmap() {
-        Some(b) => {
+        Some(b) if rel < b.npages() => {
             b.mark(rel);
             DirtyMark::Marked
         }
-        None => DirtyMark::NotLogged,
+        _ => DirtyMark::NotLogged,
     }
 }
 

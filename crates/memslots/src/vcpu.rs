@@ -6,8 +6,9 @@
 use crate::arch::ArchHooks;
 use crate::error::HvaError;
 use crate::lookup::{entry_to_hva, ReadGuard};
+use crate::set::MemslotSet;
 use crate::slot::MemorySlot;
-use crate::srcu::{ReaderRecord, GEN_UPDATE_IN_PROGRESS};
+use crate::srcu::{ReaderRecord, TwoSets, GEN_UPDATE_IN_PROGRESS};
 use crate::sync::Arc;
 use crate::vm::Vm;
 use core::cell::Cell;
@@ -43,6 +44,9 @@ impl<D> Cache<D> {
 /// `Send` but not `Sync`: one vCPU thread uses it.
 pub struct Vcpu<'a, H: ArchHooks> {
     vm: &'a Vm<H>,
+    /// `vm.spaces[as_id]`, kept so the cached path reads the generation
+    /// without going through the VM.
+    space: &'a TwoSets<MemslotSet<H::SlotData>>,
     record: Arc<ReaderRecord>,
     as_id: u16,
     cache: Cell<Cache<H::SlotData>>,
@@ -77,7 +81,15 @@ impl<H: ArchHooks> Vm<H> {
             ring
         });
         drop(reg);
-        Vcpu { vm: self, record: self.srcu.register(), as_id: 0, cache: Cell::new(Cache::EMPTY), id, ring }
+        Vcpu {
+            vm: self,
+            space: &self.spaces[0],
+            record: self.srcu.register(),
+            as_id: 0,
+            cache: Cell::new(Cache::EMPTY),
+            id,
+            ring,
+        }
     }
 }
 
@@ -118,6 +130,7 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
             });
         }
         self.as_id = as_id;
+        self.space = &self.vm.spaces[usize::from(as_id)];
         Ok(())
     }
 
@@ -144,11 +157,10 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
 
     #[inline]
     fn translate(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
-        let space = &self.vm.spaces[usize::from(self.as_id)];
         let c = self.cache.get();
         // The generation is that of the active set: equal means no publish has
         // started since the cache was filled, so the copies are current.
-        if gfn.wrapping_sub(c.base_gfn) < c.npages && space.generation() == c.gen {
+        if gfn.wrapping_sub(c.base_gfn) < c.npages && self.space.generation() == c.gen {
             return entry_to_hva(c.base_gfn, c.hva, c.flags, gfn, write).map(|h| (h, c.flags));
         }
         self.translate_slow(gfn, write)
@@ -157,8 +169,8 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
     #[cold]
     fn translate_slow(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
         let guard = self.read();
-        let hit = guard.lookup(gfn).ok_or(HvaError::NoSlot)?;
-        entry_to_hva(hit.base_gfn, hit.hva, hit.flags, gfn, write).map(|h| (h, hit.flags))
+        let slot = guard.gfn_to_memslot(gfn).ok_or(HvaError::NoSlot)?;
+        entry_to_hva(slot.base_gfn, slot.userspace_addr, slot.flags, gfn, write).map(|h| (h, slot.flags))
     }
 }
 
@@ -180,12 +192,18 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
     /// the VM-wide one.
     #[inline]
     pub fn gfn_to_memslot(&self, gfn: u64) -> Option<&Slot<H>> {
-        let c = self.lookup(gfn)?;
-        // SAFETY: `lookup` returns a cache whose generation equals the active
-        // set's generation read inside this section, or one it just filled
-        // from the active set: the slot is owned by the active set, which
-        // stays alive and unchanged until this section ends.
-        c.slot.map(|p| unsafe { p.as_ref() })
+        let vcpu = self.vcpu;
+        // Read the generation before the set: if a publish races, the
+        // generation we tag with is already stale and never validates again.
+        let gen = vcpu.space.generation();
+        let c = vcpu.cache.get();
+        let slot = if gen == c.gen && gfn.wrapping_sub(c.base_gfn) < c.npages { c.slot } else { self.fill(gen, gfn) };
+        // SAFETY: the pointer comes from a cache whose generation equals the
+        // active set's generation read inside this section, or from `fill`,
+        // which read it from the active set: either way the slot is owned by
+        // the active set, which stays alive and unchanged until this section
+        // ends.
+        slot.map(|p| unsafe { p.as_ref() })
     }
 
     /// The same for an explicit address space (does not change the current one).
@@ -205,22 +223,24 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
         self.vcpu.ring.as_deref()
     }
 
-    fn lookup(&self, gfn: u64) -> Option<Cache<H::SlotData>> {
+    /// The cache missed: search the active set, and remember the result
+    /// unless an update is in progress (`gen` was read before the set).
+    #[cold]
+    #[inline(never)]
+    fn fill(&self, gen: u64, gfn: u64) -> Option<NonNull<Slot<H>>> {
         let vcpu = self.vcpu;
-        let space = &vcpu.vm.spaces[usize::from(vcpu.as_id)];
-        // Read the generation before the set: if a publish races, the
-        // generation we tag with is already stale and never validates again.
-        let gen = space.generation();
-        let c = vcpu.cache.get();
-        if gen == c.gen && gfn.wrapping_sub(c.base_gfn) < c.npages {
-            return Some(c);
-        }
         let set = self.guard.set(vcpu.as_id)?;
         let (base, e) = set.search(gfn)?;
-        let fresh = Cache { gen, base_gfn: base, npages: e.npages, hva: e.hva, flags: e.flags, slot: Some(e.slot) };
         if gen & GEN_UPDATE_IN_PROGRESS == 0 {
-            vcpu.cache.set(fresh);
+            vcpu.cache.set(Cache {
+                gen,
+                base_gfn: base,
+                npages: e.npages,
+                hva: e.hva,
+                flags: e.flags,
+                slot: Some(e.slot),
+            });
         }
-        Some(fresh)
+        Some(e.slot)
     }
 }
