@@ -374,34 +374,6 @@ impl<V: Copy + Eq> HvaTree<V> {
         self.balance(i)
     }
 
-    /// Replaces the value of the entry `(start, last, old)` by `new` in
-    /// place (no rebalancing: the key, hence the order and every `max_last`,
-    /// is unchanged). Returns whether the entry was found.
-    pub(crate) fn replace_value(&mut self, start: u64, last: u64, old: V, new: V) -> bool {
-        match self.find(self.root, (start, last), old) {
-            Some(i) => {
-                self.nodes[idx(i)].value = new;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The node holding `(key, value)` in subtree `i`.
-    fn find(&self, mut i: u32, key: (u64, u64), value: V) -> Option<u32> {
-        while i != NIL {
-            let n = &self.nodes[idx(i)];
-            match key.cmp(&(n.start, n.last)) {
-                Ordering::Less => i = n.left,
-                Ordering::Greater => i = n.right,
-                Ordering::Equal if n.value == value => return Some(i),
-                // Equal keys may sit on either side after rotations.
-                Ordering::Equal => return self.find(n.left, key, value).or_else(|| self.find(n.right, key, value)),
-            }
-        }
-        None
-    }
-
     /// Removes one entry equal to `(key, value)` from subtree `i`.
     /// Returns the new subtree root, or `None` (subtree untouched) if absent.
     fn remove_at(&mut self, i: u32, key: (u64, u64), value: V) -> Option<u32> {
@@ -723,21 +695,6 @@ mod tests {
         assert!(t.remove(0, MAX, 2));
         assert!(!t.remove(0, MAX, 2));
         t.check_invariants();
-    }
-
-    #[test]
-    fn replace_value_in_place() {
-        let mut t = HvaTree::new();
-        for v in 0..50u32 {
-            t.insert(u64::from(v % 5) * 10, u64::from(v % 5) * 10 + 100, v);
-        }
-        assert!(t.replace_value(20, 120, 37, 1000));
-        assert!(!t.replace_value(20, 120, 37, 1001), "old value gone");
-        assert!(!t.replace_value(21, 120, 1000, 5), "key must match");
-        t.check_invariants();
-        let vals: Vec<u32> = t.overlaps(20, 20).filter(|e| e.0 == 20).map(|e| e.2).collect();
-        assert!(vals.contains(&1000) && !vals.contains(&37));
-        assert_eq!(t.len(), 50);
     }
 
     #[test]

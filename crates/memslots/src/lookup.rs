@@ -143,12 +143,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     pub fn slots_in_hva_range(&self, start: u64, last: u64) -> impl Iterator<Item = &Slot<H>> + '_ {
         let nr = if start <= last { self.vm.config.nr_address_spaces } else { 0 };
         (0..nr).flat_map(move |as_id| {
-            self.set(as_id).into_iter().flat_map(move |set| {
-                set.hva_overlaps(start, last).map(|(_, _, p)| {
-                    // SAFETY: owned by the active set, alive for the section.
-                    unsafe { p.0.as_ref() }
-                })
-            })
+            self.set(as_id).into_iter().flat_map(move |set| set.hva_overlaps(start, last))
         })
     }
 }

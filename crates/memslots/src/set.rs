@@ -27,29 +27,21 @@ impl<D> Clone for GfnEntry<D> {
 }
 impl<D> Copy for GfnEntry<D> {}
 
-/// A slot pointer as the hva tree's value (compared by address).
-pub(crate) struct SlotPtr<D>(pub(crate) NonNull<MemorySlot<D>>);
-impl<D> Clone for SlotPtr<D> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<D> Copy for SlotPtr<D> {}
-impl<D> PartialEq for SlotPtr<D> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
-    }
-}
-impl<D> Eq for SlotPtr<D> {}
-
 /// One memslot set.
 ///
-/// Invariant: every pointer in `by_gfn`, `by_hva` and `last_used` points to a
-/// slot whose `Arc` is held by `by_id` of this same set.
+/// Invariant: every pointer in `by_gfn` and `last_used` points to a slot
+/// whose `Arc` is held by `by_id` of this same set, and every id in `by_hva`
+/// is a key of `by_id` whose slot has that host range.
+///
+/// The hva tree stores slot *ids*, not pointers: a slot's id, host range and
+/// size never change while it exists, so replacing a slot by its INVALID
+/// copy, its moved or re-flagged version leaves the tree untouched (no
+/// O(log n) search with a cache miss per level on every update). An hva
+/// lookup pays one id-map probe per hit instead.
 pub(crate) struct MemslotSet<D> {
     by_id: HashMap<u16, Arc<MemorySlot<D>>>,
     by_gfn: GfnIndex<GfnEntry<D>>,
-    by_hva: HvaTree<SlotPtr<D>>,
+    by_hva: HvaTree<u16>,
     last_used: AtomicPtr<MemorySlot<D>>,
 }
 
@@ -88,17 +80,14 @@ impl<D> MemslotSet<D> {
     /// absent) in this set. Only for the writer, on the inactive set.
     pub(crate) fn replace(&mut self, old: Option<&Arc<MemorySlot<D>>>, new: Option<&Arc<MemorySlot<D>>>) {
         // KVM never changes a slot's id, host range or size in place: a MOVE,
-        // FLAGS_ONLY or INVALID copy keeps them, so the hva entry and the id
-        // entry are updated in place, and the gfn entry too when the base gfn
-        // stays. Only CREATE and DELETE (and the gfn part of MOVE) change the
-        // structures' shape.
+        // FLAGS_ONLY or INVALID copy keeps them, so the hva entry (an id)
+        // stays as it is, the id entry is updated in place, and the gfn entry
+        // too when the base gfn stays. Only CREATE and DELETE (and the gfn
+        // part of MOVE) change the structures' shape.
         match (old, new) {
             (Some(old), Some(new)) => {
                 debug_assert_eq!((old.id, old.userspace_addr, old.npages), (new.id, new.userspace_addr, new.npages));
                 let (old_ptr, new_ptr) = (ptr(old), ptr(new));
-                let found =
-                    self.by_hva.replace_value(old.userspace_addr, old.hva_last(), SlotPtr(old_ptr), SlotPtr(new_ptr));
-                debug_assert!(found);
                 if let Some(slot) = self.by_id.get_mut(&old.id) {
                     debug_assert!(Arc::ptr_eq(slot, old));
                     *slot = Arc::clone(new);
@@ -127,7 +116,7 @@ impl<D> MemslotSet<D> {
                 if self.by_id.len() < self.by_id.capacity() / 4 {
                     self.by_id.shrink_to(self.by_id.len() * 2);
                 }
-                let found = self.by_hva.remove(old.userspace_addr, old.hva_last(), SlotPtr(old_ptr));
+                let found = self.by_hva.remove(old.userspace_addr, old.hva_last(), old.id);
                 debug_assert!(found);
                 // Readers of this set are gone (it is inactive and a grace period
                 // passed), so a plain check-and-store is enough.
@@ -138,7 +127,7 @@ impl<D> MemslotSet<D> {
                 debug_assert!(removed.is_some());
             }
             (None, Some(new)) => {
-                self.by_hva.insert(new.userspace_addr, new.hva_last(), SlotPtr(ptr(new)));
+                self.by_hva.insert(new.userspace_addr, new.hva_last(), new.id);
                 let fresh = self.by_gfn.insert(new.base_gfn, entry(new));
                 debug_assert!(fresh);
                 self.by_id.insert(new.id, Arc::clone(new));
@@ -195,9 +184,11 @@ impl<D> MemslotSet<D> {
         self.by_gfn.iter_from_floor(start)
     }
 
-    /// Slots whose hva range intersects `[start, last]`.
-    pub(crate) fn hva_overlaps(&self, start: u64, last: u64) -> crate::hva_tree::Overlaps<'_, SlotPtr<D>> {
-        self.by_hva.overlaps(start, last)
+    /// Slots whose hva range intersects `[start, last]`, in ascending
+    /// `userspace_addr` order.
+    pub(crate) fn hva_overlaps(&self, start: u64, last: u64) -> impl Iterator<Item = &MemorySlot<D>> + '_ {
+        // Every id in the tree is in `by_id` (invariant), so nothing is skipped.
+        self.by_hva.overlaps(start, last).filter_map(|(_, _, id)| self.by_id.get(&id).map(|s| &**s))
     }
 
     /// All slots by id (unordered).
