@@ -303,17 +303,32 @@ fn backend(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
                 .map_err(any)?;
         }
         let hva = HVA + u64::from(k) * 0x20_0000;
-        // Interleave batches of the two so drift of the (nested) kernel's
-        // speed over time does not land in the difference.
-        let (mut ioctl, mut lib) = (Vec::new(), Vec::new());
-        for _ in 0..plan.batches.max(5) {
-            ioctl.push(per_op(1, 40, |i| {
-                raw_set(&raw, k, if i % 2 == 0 { away } else { gpa(k) }).ok();
-            }));
-            lib.push(per_op(1, 40, |i| {
-                let to = if i % 2 == 0 { away } else { gpa(k) };
-                vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, 0x1_0000, hva)).ok();
-            }));
+        // Interleave the two finely: each round times one move away and back
+        // on each side, alternating which side goes first, so drift of the
+        // (nested) kernel's speed and the cache state left by the previous
+        // ioctl are the same for both. Medians over the rounds.
+        let rounds = plan.batches.max(5) * 60;
+        let (mut ioctl, mut lib) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+        let time_pair = |f: &mut dyn FnMut(u64)| {
+            let t = Instant::now();
+            f(away);
+            f(gpa(k));
+            t.elapsed().as_secs_f64() * 1e9 / 2.0
+        };
+        let mut raw_move = |to: u64| {
+            raw_set(&raw, k, to).ok();
+        };
+        let mut lib_move = |to: u64| {
+            vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, 0x1_0000, hva)).ok();
+        };
+        for r in 0..rounds {
+            if r % 2 == 0 {
+                ioctl.push(time_pair(&mut raw_move));
+                lib.push(time_pair(&mut lib_move));
+            } else {
+                lib.push(time_pair(&mut lib_move));
+                ioctl.push(time_pair(&mut raw_move));
+            }
         }
         let (ioctl, lib) = (median(ioctl), median(lib));
         out.push(target(
