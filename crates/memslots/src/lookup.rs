@@ -142,9 +142,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     /// range (`start > last`) yields nothing.
     pub fn slots_in_hva_range(&self, start: u64, last: u64) -> impl Iterator<Item = &Slot<H>> + '_ {
         let nr = if start <= last { self.vm.config.nr_address_spaces } else { 0 };
-        (0..nr).flat_map(move |as_id| {
-            self.set(as_id).into_iter().flat_map(move |set| set.hva_overlaps(start, last))
-        })
+        (0..nr).flat_map(move |as_id| self.set(as_id).into_iter().flat_map(move |set| set.hva_overlaps(start, last)))
     }
 }
 
