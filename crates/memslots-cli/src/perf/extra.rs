@@ -308,31 +308,33 @@ fn backend(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
                 .map_err(any)?;
         }
         let hva = HVA + u64::from(k) * 0x20_0000;
-        // Interleave the two finely: each round times one move away and back
-        // on each side, alternating which side goes first, so drift of the
-        // (nested) kernel's speed and the cache state left by the previous
-        // ioctl are the same for both. Medians over the rounds.
-        let rounds = plan.batches.max(5) * 60;
+        // Interleave the two per operation: each round moves the slot (away
+        // or back) once on each side, and which side goes first alternates
+        // every two rounds (so each side goes first equally often in each
+        // direction). Both see the same moment of the (nested, drifting)
+        // kernel and the same cache state left by an ioctl. Medians over the
+        // rounds.
+        let rounds = plan.batches.max(5) * 120;
         let (mut ioctl, mut lib) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
-        let time_pair = |f: &mut dyn FnMut(u64)| {
+        let timed = |f: &mut dyn FnMut()| {
             let t = Instant::now();
-            f(away);
-            f(gpa(k));
-            t.elapsed().as_secs_f64() * 1e9 / 2.0
-        };
-        let mut raw_move = |to: u64| {
-            raw_set(&raw, k, to).ok();
-        };
-        let mut lib_move = |to: u64| {
-            vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, 0x1_0000, hva)).ok();
+            f();
+            t.elapsed().as_secs_f64() * 1e9
         };
         for r in 0..rounds {
-            if r % 2 == 0 {
-                ioctl.push(time_pair(&mut raw_move));
-                lib.push(time_pair(&mut lib_move));
+            let to = if r % 2 == 0 { away } else { gpa(k) };
+            let mut raw_move = || {
+                raw_set(&raw, k, to).ok();
+            };
+            let mut lib_move = || {
+                vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, 0x1_0000, hva)).ok();
+            };
+            if (r / 2) % 2 == 0 {
+                ioctl.push(timed(&mut raw_move));
+                lib.push(timed(&mut lib_move));
             } else {
-                lib.push(time_pair(&mut lib_move));
-                ioctl.push(time_pair(&mut raw_move));
+                lib.push(timed(&mut lib_move));
+                ioctl.push(timed(&mut raw_move));
             }
         }
         let (ioctl, lib) = (median(ioctl), median(lib));
