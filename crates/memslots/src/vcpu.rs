@@ -206,6 +206,24 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
         slot.map(|p| unsafe { p.as_ref() })
     }
 
+    /// `kvm_vcpu_gfn_to_hva_many`: the host address of `gfn` in the vCPU's
+    /// current address space and how many pages from `gfn` to the end of its
+    /// slot are contiguous, from the vCPU cache (filled on a miss) without
+    /// touching the slot object. Errors as [`Vcpu::gfn_to_hva`].
+    #[inline]
+    pub fn gfn_to_hva_many(&self, gfn: u64, write: bool) -> Result<(u64, u64), HvaError> {
+        let vcpu = self.vcpu;
+        let gen = vcpu.space.generation();
+        let c = vcpu.cache.get();
+        let c = if gen == c.gen && gfn.wrapping_sub(c.base_gfn) < c.npages {
+            c
+        } else {
+            self.fill_entry(gen, gfn).ok_or(HvaError::NoSlot)?
+        };
+        let hva = entry_to_hva(c.base_gfn, c.hva, c.flags, gfn, write)?;
+        Ok((hva, c.npages - (gfn - c.base_gfn)))
+    }
+
     /// The same for an explicit address space (does not change the current one).
     pub fn gfn_to_memslot_in(&self, as_id: u16, gfn: u64) -> Option<&Slot<H>> {
         let p = self.guard.set(as_id)?.search(gfn)?.1.slot;
@@ -228,19 +246,19 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
     #[cold]
     #[inline(never)]
     fn fill(&self, gen: u64, gfn: u64) -> Option<NonNull<Slot<H>>> {
+        self.fill_entry(gen, gfn)?.slot
+    }
+
+    /// [`fill`](Self::fill), returning the whole (new) cache entry.
+    #[inline]
+    fn fill_entry(&self, gen: u64, gfn: u64) -> Option<Cache<H::SlotData>> {
         let vcpu = self.vcpu;
         let set = self.guard.set(vcpu.as_id)?;
         let (base, e) = set.search(gfn)?;
+        let fresh = Cache { gen, base_gfn: base, npages: e.npages, hva: e.hva, flags: e.flags, slot: Some(e.slot) };
         if gen & GEN_UPDATE_IN_PROGRESS == 0 {
-            vcpu.cache.set(Cache {
-                gen,
-                base_gfn: base,
-                npages: e.npages,
-                hva: e.hva,
-                flags: e.flags,
-                slot: Some(e.slot),
-            });
+            vcpu.cache.set(fresh);
         }
-        Some(e.slot)
+        Some(fresh)
     }
 }

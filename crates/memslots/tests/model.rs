@@ -1038,6 +1038,17 @@ fn check_vcpu<H: Harness>(vcpu: &Vcpu<'_, H>, model: &Model, gfns: &[u64], what:
         );
         // A hit from the cache just filled must agree too.
         prop_assert_eq!(desc(g.gfn_to_memslot(gfn)), model.by_gfn(a, gfn));
+        for write in [false, true] {
+            prop_assert_eq!(
+                g.gfn_to_hva_many(gfn, write),
+                model.hva_many(a, gfn, write),
+                "{}: vcpu(as {}).gfn_to_hva_many({:#x}, {})",
+                what,
+                a,
+                gfn,
+                write
+            );
+        }
         prop_assert_eq!(
             vcpu.gfn_to_hva(gfn),
             model.hva(a, gfn),
