@@ -200,7 +200,7 @@ fn perf_tiny_writes_tables_json_and_svg() {
     // 8 lookup/update targets, 6 dirty-logging and guest-memory ones, and one
     // backend comparison per size where /dev/kvm exists (1 in --tiny).
     let kvm = memslots_kvm::kvm_available();
-    assert_eq!(targets.len(), if kvm { 15 } else { 14 }, "{targets:?}");
+    assert_eq!(targets.len(), if kvm { 16 } else { 15 }, "{targets:?}");
     for t in targets {
         for field in ["name", "slots", "goal_ns", "memslots_ns", "met", "peers"] {
             assert!(t.get(field).is_some(), "target without {field}: {t}");

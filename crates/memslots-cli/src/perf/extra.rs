@@ -6,7 +6,7 @@
 use super::{fl, median, Target};
 use anyhow::{anyhow, Result};
 use kvm_bindings::kvm_userspace_memory_region;
-use memslots::{Config, UserMemoryRegion, Vm, KVM_MEM_LOG_DIRTY_PAGES};
+use memslots::{Config, UserMemoryRegion, Vm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES};
 use memslots_mem::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use memslots_mem::{GuestMemory, MapOptions};
 use std::collections::BTreeMap;
@@ -198,6 +198,30 @@ fn dirty(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
         1,
         300_000.0,
         get1,
+        &[("vm-memory", vmm1)],
+    ));
+    // Manual protect (what QEMU-style migration uses): GET copies, CLEAR
+    // clears exactly what GET returned.
+    drop(vcpu);
+    let vm = logging_vm(hp)?;
+    vm.enable_manual_dirty_log_protect(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).map_err(any)?;
+    let vcpu = vm.vcpu();
+    let mark_all = || {
+        let g = vcpu.read();
+        for &p in &dirty {
+            let _ = black_box(g.mark_page_dirty(p));
+        }
+    };
+    let pages = u32::try_from(hp)?;
+    let manual1 = per_call(batches, mark_all, || {
+        vm.get_dirty_log(0, &mut buf).ok();
+        vm.clear_dirty_log(0, 0, pages, &buf).ok();
+    });
+    out.push(target(
+        format!("harvest {gib} GiB slot, 1% dirty (manual protect: GET + CLEAR)"),
+        1,
+        300_000.0,
+        manual1,
         &[("vm-memory", vmm1)],
     ));
     out.push(target(
