@@ -133,6 +133,9 @@ impl Bitmap for SlotDirtySlice<'_> {
 pub struct MemslotsRegion {
     start: GuestAddress,
     len: usize,
+    /// Address of the region's first byte in `mem` (its provenance exposed),
+    /// so an access does not have to read the `HostMemory` object.
+    host: usize,
     /// Byte offset of the slot's first page in `mem`.
     offset: usize,
     mem: Arc<HostMemory>,
@@ -142,6 +145,16 @@ pub struct MemslotsRegion {
 }
 
 impl MemslotsRegion {
+    /// The host pointer of region byte `off` (`off <= len`): inside the
+    /// mapping, or one past its end, as `offset + len <= mem.len()` was
+    /// checked when the region was built.
+    #[inline]
+    fn host_ptr(&self, off: usize) -> *mut u8 {
+        // `host` is the exposed address of byte `offset` of the mapping,
+        // which `self.mem` keeps alive as long as `self`.
+        std::ptr::with_exposed_provenance_mut::<u8>(self.host + off)
+    }
+
     /// The slot as it was when the snapshot was taken.
     pub fn desc(&self) -> &SlotDesc {
         &self.desc
@@ -180,8 +193,7 @@ impl GuestMemoryRegion for MemslotsRegion {
         if off >= self.len {
             return Err(GuestMemoryError::InvalidBackendAddress);
         }
-        // `offset + len <= mem.len()` (checked when the region was built).
-        self.mem.ptr_at(self.offset + off, 0).ok_or(GuestMemoryError::InvalidBackendAddress)
+        Ok(self.host_ptr(off))
     }
 
     fn file_offset(&self) -> Option<&FileOffset> {
@@ -193,7 +205,7 @@ impl GuestMemoryRegion for MemslotsRegion {
         if off > self.len || count > self.len - off {
             return Err(GuestMemoryError::InvalidBackendAddress);
         }
-        let p = self.mem.ptr_at(self.offset + off, count).ok_or(GuestMemoryError::InvalidBackendAddress)?;
+        let p = self.host_ptr(off);
         // SAFETY: `[p, p + count)` is inside the region, which is inside the
         // mapping (checked above and at construction); the mapping lives as
         // long as `self` (we hold an Arc), which the slice borrows. Guest
@@ -215,8 +227,8 @@ pub struct MemslotsSnapshot {
     as_id: u16,
     generation: u64,
     regions: Vec<Arc<MemslotsRegion>>,
-    /// `(start, len)` of each region, contiguous for the binary search.
-    bounds: Vec<(u64, u64)>,
+    /// Start address of each region, contiguous for the search.
+    starts: Vec<u64>,
 }
 
 impl MemslotsSnapshot {
@@ -243,14 +255,34 @@ impl GuestMemoryBackend for MemslotsSnapshot {
 
     fn find_region(&self, addr: GuestAddress) -> Option<&MemslotsRegion> {
         let a = addr.raw_value();
-        let i = self.bounds.partition_point(|&(start, _)| start <= a).checked_sub(1)?;
-        let (start, len) = self.bounds[i];
-        (a - start < len).then(|| &*self.regions[i])
+        let i = floor_index(&self.starts, a)?;
+        let r = &*self.regions[i];
+        (a - r.start.raw_value() < r.len as u64).then_some(r)
     }
 
     fn iter(&self) -> impl Iterator<Item = &MemslotsRegion> {
         self.regions.iter().map(|r| &**r)
     }
+}
+
+/// Index of the greatest element `<= x` of the sorted `v`. The loop has a
+/// fixed trip count per length and its step compiles to a conditional move:
+/// no mispredicted branch per probe, as there is in a plain binary search on
+/// random addresses.
+#[inline]
+fn floor_index(v: &[u64], x: u64) -> Option<usize> {
+    if v.first().is_none_or(|&f| f > x) {
+        return None;
+    }
+    let (mut base, mut len) = (0usize, v.len());
+    while len > 1 {
+        let half = len / 2;
+        if v[base + half] <= x {
+            base += half;
+        }
+        len -= half;
+    }
+    Some(base)
 }
 
 impl GuestMemory {
@@ -270,7 +302,7 @@ impl GuestMemory {
                 let b = s.arch().as_ref()?;
                 let len = usize::try_from(s.size()).ok()?;
                 // The hook only attaches a mapping that contains the slot; checked anyway.
-                b.memory().ptr_at(b.offset(), len)?;
+                let host = b.memory().ptr_at(b.offset(), len)?.expose_provenance();
                 let mem = Arc::clone(b.memory());
                 let file_offset =
                     mem.file().map(|f| FileOffset::from_arc(Arc::clone(f), mem.file_offset() + b.offset() as u64));
@@ -278,6 +310,7 @@ impl GuestMemory {
                     desc: *s.desc(),
                     start: GuestAddress(s.base_gfn << PAGE_SHIFT),
                     len,
+                    host,
                     offset: b.offset(),
                     mem,
                     file_offset,
@@ -285,8 +318,8 @@ impl GuestMemory {
                 }))
             })
             .collect::<Vec<_>>();
-        let bounds = regions.iter().map(|r| (r.start.raw_value(), r.len as u64)).collect();
-        Arc::new(MemslotsSnapshot { as_id, generation, regions, bounds })
+        let starts = regions.iter().map(|r| r.start.raw_value()).collect();
+        Arc::new(MemslotsSnapshot { as_id, generation, regions, starts })
     }
 
     /// A vm-memory [`GuestAddressSpace`] over address space `as_id`.
