@@ -1,186 +1,433 @@
-//! Augmented interval tree over inclusive `[start, last]` `u64` ranges.
+//! The hva index of one memslot set (KVM's hva interval tree): inclusive
+//! `[start, last]` `u64` ranges with an overlap query.
 //!
-//! This mirrors the kernel's `interval_tree` (`include/linux/interval_tree.h`)
-//! that KVM uses to index memslots by host virtual address: entries may
-//! overlap arbitrarily and may even be identical except for their value.
+//! This plays the part of the kernel's `interval_tree`
+//! (`include/linux/interval_tree.h`) that KVM uses to index memslots by host
+//! virtual address: entries may overlap arbitrarily and may even be identical
+//! except for their value. Despite the name it is not a tree any more.
 //!
-//! # Structure
+//! # Structure: sorted blocks
 //!
-//! * **Arena.** All nodes live in one `Vec<Node<V>>` and refer to each other
-//!   by `u32` index, with [`NIL`] (`u32::MAX`) as the "no node" sentinel.
-//!   Freed slots form an intrusive free list (linked through `left`) and are
-//!   reused by later inserts, so the arena never holds more slots than the
-//!   high-water mark of live entries. When the tree becomes empty the arena
-//!   is released entirely (`Vec::new()`); when the number of live entries
-//!   drops below a quarter of the arena capacity the live entries are
-//!   repacked into a fresh, perfectly balanced arena of twice their number.
-//!   Both keep memory proportional to the number of live entries, and the
-//!   repacking is amortised O(1) per removal.
-//! * **AVL balancing.** The tree is an AVL tree ordered by `(start, last)`;
-//!   entries with equal `(start, last)` keep their insertion order (new
-//!   entries go to the right of equal keys, and rotations preserve in-order
-//!   sequence). AVL is deterministic (no RNG) and keeps the height below
-//!   `1.44 * log2(n + 2)`, which bounds every recursion and every iterator
-//!   stack: with `u32` indices the height can never exceed 45.
-//! * **Augmentation.** Every node stores `max_last`, the largest `last` in
-//!   its subtree, maintained on every structural change (insert, delete,
-//!   rotation).
+//! Entries are kept sorted by `(start, last, value)` in blocks of at most
+//! [`BLOCK_MAX`] entries, the same two-level shape as the gfn index
+//! (`gfn_index.rs`). A block is one cache-line-aligned allocation holding its
+//! starts (padded with `u64::MAX`), its lasts and its values in three fixed
+//! arrays (640 bytes for `u16` values: ~20 bytes per entry when full,
+//! against 48 per node, plus a free-list arena, for the AVL tree it
+//! replaced). Parallel top arrays hold, per block, its first `start`
+//! (searched by binary search), its largest `last` (`max_last`, for
+//! queries) and the block pointer.
+//!
+//! An insert or remove is a binary search of the top array (8 KiB at 32k
+//! entries, usually cached; entries sharing a `start` across blocks are told
+//! apart by a second binary search over those blocks' first entries), a
+//! branchless search of one block, and a shift of at most [`BLOCK_MAX`]
+//! entries inside it: `O(log n + B)`, a handful of cache lines, where the AVL
+//! tree this replaced took one dependent cache miss per level (15-20 levels
+//! at 32k entries) plus rebalancing. A full block is split in halves (or,
+//! past either end, a new block is started, so entries inserted in order
+//! leave full blocks); a block below a quarter full is merged into a
+//! neighbour with room. Memory is proportional to the entries: at most one
+//! spare block is kept, the top arrays shrink when a quarter used, and an
+//! emptied index holds nothing.
 //!
 //! # Queries
 //!
-//! An overlap query for `[qs, ql]` is an in-order walk that skips every
-//! subtree whose `max_last < qs` (nothing in it can reach the query) and
-//! never goes right of a node whose `start > ql` (everything there starts
-//! after the query ends). Results therefore come out in ascending `start`
-//! order (ties in `(start, last, insertion)` order). The walk costs
-//! `O(log n + k)` when the `k` matches are contiguous in start order (the
-//! common case for memslots, whose hva ranges rarely overlap), and
-//! `O(log n + k * log(n / k))` in the worst case when matches are scattered
-//! between non-matching entries; this is the same bound as the kernel's
-//! `interval_tree_iter_first`/`_next`.
+//! An overlap query for `[qs, ql]` (an entry matches iff
+//! `start <= ql && last >= qs`) visits the blocks whose first start is
+//! `<= ql` (a binary search of the top array bounds them) and, among those,
+//! only the blocks with `max_last >= qs`. Those are found by scanning a
+//! fourth top array, `chunk_max` (the largest `max_last` of every
+//! [`CHUNK`] = 32 consecutive blocks), and the `max_last` entries of the
+//! chunks that may match: at 32k entries (~1000 blocks) that is at most ~32
+//! plus 32 sequential 8-byte reads per matching chunk, instead of the
+//! `O(log n)` dependent node visits of a tree. The matching blocks are
+//! walked in order, stopping at the first entry starting after `ql`, so
+//! results come out in ascending `(start, last, value)` order. Keeping
+//! `chunk_max` exact costs one chunk (32 reads) when a block's `max_last`
+//! drops, and the chunks from the change to the end when a block is added
+//! or removed (a split or merge, every ~16 updates at most): queries
+//! (MMU-notifier style) are rare compared with updates, and this keeps them
+//! cheap without a per-update tree walk.
 //!
-//! Removal identifies an entry by `(start, last, value)`. Finding it costs
-//! `O(log n + d)` where `d` is the number of entries sharing `(start, last)`.
+//! Removal identifies an entry by `(start, last, value)`; if several
+//! identical entries exist one of them is removed.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::cmp::Ordering;
 use core::fmt;
 use core::iter::FusedIterator;
 
-/// Sentinel index meaning "no node".
-const NIL: u32 = u32::MAX;
+/// Largest block (a power of two, for the branchless search of `starts`).
+const BLOCK_MAX: usize = 32;
+/// A block smaller than this is merged with a neighbour when the result fits.
+const BLOCK_MIN: usize = BLOCK_MAX / 4;
+/// `starts` value of an unused position: never less than a searched start.
+const PAD: u64 = u64::MAX;
+/// Blocks summarised by one `chunk_max` entry.
+const CHUNK: usize = 32;
 
-/// Capacity of the explicit stack used by [`Overlaps`].
-///
-/// An AVL tree of height `h` has at least `F(h + 2) - 1` nodes (`F` being
-/// the Fibonacci numbers). Since `F(47) - 1 > 2^32 - 1` exceeds the number
-/// of indices the arena can hand out, the height of any tree is at most 45
-/// and an in-order walk never has more than 45 pending ancestors. 64 leaves
-/// ample slack.
-const MAX_HEIGHT: usize = 64;
-
-/// Arena capacity (in nodes) below which the arena is never repacked.
-const MIN_SHRINK_CAPACITY: usize = 32;
-
-/// Converts an arena index to a `usize` for slice indexing.
-#[inline]
-#[allow(clippy::cast_possible_truncation)]
-const fn idx(i: u32) -> usize {
-    // Lossless: every supported target has a `usize` of at least 32 bits.
-    i as usize
+/// One block, one allocation: entry `i` is `(starts[i], lasts[i], vals[i])`.
+#[derive(Clone)]
+#[repr(C, align(64))]
+struct Block<V> {
+    /// Sorted (with `lasts` and `vals`); [`PAD`] from `len` on.
+    starts: [u64; BLOCK_MAX],
+    /// `lasts[..len]` are live; the rest are stale.
+    lasts: [u64; BLOCK_MAX],
+    /// `vals[..len]` are live; the rest are copies of some value that was
+    /// here (a safe stand-in for uninitialised memory, as `V: Copy`).
+    vals: [V; BLOCK_MAX],
+    /// Never 0 while the block is in the index.
+    len: usize,
 }
 
-/// One arena slot: either a live tree node or a free-list entry.
-#[derive(Clone, Copy, Debug)]
-struct Node<V> {
-    /// First address of the interval (inclusive).
-    start: u64,
-    /// Last address of the interval (inclusive).
-    last: u64,
-    /// Largest `last` in the subtree rooted here.
-    max_last: u64,
-    /// Left child; for free slots, the next free slot.
-    left: u32,
-    /// Right child.
-    right: u32,
-    /// AVL height of the subtree rooted here (a leaf has height 1).
-    height: u8,
-    /// Payload.
-    value: V,
-}
+impl<V: Copy + Ord> Block<V> {
+    fn new(start: u64, last: u64, value: V) -> Box<Self> {
+        let mut starts = [PAD; BLOCK_MAX];
+        starts[0] = start;
+        let mut lasts = [0; BLOCK_MAX];
+        lasts[0] = last;
+        Box::new(Block { starts, lasts, vals: [value; BLOCK_MAX], len: 1 })
+    }
 
-impl<V> Node<V> {
-    /// A fresh leaf node.
-    const fn leaf(start: u64, last: u64, value: V) -> Self {
-        Self { start, last, max_last: last, left: NIL, right: NIL, height: 1, value }
+    /// Entry `i`.
+    fn get(&self, i: usize) -> (u64, u64, V) {
+        (self.starts[i], self.lasts[i], self.vals[i])
+    }
+
+    /// Largest `last` of the live entries (0 when empty).
+    fn max_last(&self) -> u64 {
+        self.lasts[..self.len].iter().copied().max().unwrap_or(0)
+    }
+
+    /// Index of the first entry `>= (start, last, value)` (`len` if none).
+    #[inline]
+    fn lower_bound(&self, start: u64, last: u64, value: V) -> usize {
+        // Branchless search for the first start `>= start` over all
+        // BLOCK_MAX positions (the padding is never `< start`): the answer
+        // is at most `len`.
+        let s = &self.starts;
+        let mut i = 0;
+        let mut step = BLOCK_MAX / 2;
+        while step > 0 {
+            if s[i + step - 1] < start {
+                i += step;
+            }
+            step /= 2;
+        }
+        // `i <= BLOCK_MAX - 1` here; step past the last position if needed.
+        i += usize::from(s[i] < start);
+        // Then by `(last, value)` among equal starts (usually none).
+        while i < self.len && s[i] == start && (self.lasts[i], self.vals[i]) < (last, value) {
+            i += 1;
+        }
+        i
+    }
+
+    /// Inserts at `i`; the block must not be full.
+    fn insert_at(&mut self, i: usize, (start, last, value): (u64, u64, V)) {
+        let n = self.len;
+        self.starts.copy_within(i..n, i + 1);
+        self.lasts.copy_within(i..n, i + 1);
+        self.vals.copy_within(i..n, i + 1);
+        self.starts[i] = start;
+        self.lasts[i] = last;
+        self.vals[i] = value;
+        self.len += 1;
+    }
+
+    fn remove_at(&mut self, i: usize) {
+        let n = self.len;
+        self.starts.copy_within(i + 1..n, i);
+        self.lasts.copy_within(i + 1..n, i);
+        self.vals.copy_within(i + 1..n, i);
+        self.starts[n - 1] = PAD;
+        self.len -= 1;
+    }
+
+    /// Moves the entries from `at` on into `into` (an empty block) or a new
+    /// block.
+    fn split_off(&mut self, at: usize, into: Option<Box<Self>>) -> Box<Self> {
+        let n = self.len;
+        let mut right = into.unwrap_or_else(|| {
+            Box::new(Block { starts: [PAD; BLOCK_MAX], lasts: [0; BLOCK_MAX], vals: self.vals, len: 0 })
+        });
+        right.starts[..n - at].copy_from_slice(&self.starts[at..n]);
+        right.lasts[..n - at].copy_from_slice(&self.lasts[at..n]);
+        right.vals[..n - at].copy_from_slice(&self.vals[at..n]);
+        right.len = n - at;
+        self.starts[at..n].fill(PAD);
+        self.len = at;
+        right
+    }
+
+    /// Appends all of `other`'s entries; they must fit and not be smaller.
+    fn append(&mut self, other: &Self) {
+        let (n, m) = (self.len, other.len);
+        self.starts[n..n + m].copy_from_slice(&other.starts[..m]);
+        self.lasts[n..n + m].copy_from_slice(&other.lasts[..m]);
+        self.vals[n..n + m].copy_from_slice(&other.vals[..m]);
+        self.len += m;
     }
 }
 
-/// An interval tree over inclusive `[start, last]` u64 ranges carrying a `Copy` value.
+/// The hva index: `[start, last]` u64 ranges carrying a `Copy` value, with
+/// overlap queries.
 ///
 /// See the [module documentation](self) for the structure and complexity.
 #[derive(Clone)]
 pub(crate) struct HvaTree<V> {
-    /// Arena of nodes; live nodes are reachable from `root`, the rest are on
-    /// the free list.
-    nodes: Vec<Node<V>>,
-    /// Root of the AVL tree, or [`NIL`] when empty.
-    root: u32,
-    /// Head of the free list (linked through `Node::left`), or [`NIL`].
-    free: u32,
-    /// Number of live entries.
+    /// `firsts[b] == blocks[b].starts[0]`.
+    firsts: Vec<u64>,
+    /// `max_lasts[b] == blocks[b].max_last()`.
+    max_lasts: Vec<u64>,
+    /// `chunk_max[c]` is the largest of `max_lasts[c * CHUNK..][..CHUNK]`,
+    /// so that a query skips 32 blocks per entry that cannot match.
+    chunk_max: Vec<u64>,
+    /// In `(start, last, value)` order, never empty.
+    blocks: Vec<Box<Block<V>>>,
+    /// The last block taken out of the index, emptied, for the next block to
+    /// be created (at most one; none when the index is empty).
+    spare: Option<Box<Block<V>>>,
+    /// Number of entries.
     len: usize,
 }
 
-impl<V: Copy + Eq> Default for HvaTree<V> {
+impl<V: Copy + Ord> Default for HvaTree<V> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<V: Copy + Eq + fmt::Debug> fmt::Debug for HvaTree<V> {
+impl<V: Copy + Ord + fmt::Debug> fmt::Debug for HvaTree<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.iter().map(|(s, l, v)| (s..=l, v))).finish()
     }
 }
 
-impl<V: Copy + Eq> HvaTree<V> {
-    /// Creates an empty tree. Does not allocate.
+impl<V: Copy + Ord> HvaTree<V> {
+    /// Creates an empty index. Does not allocate.
     pub(crate) const fn new() -> Self {
-        Self { nodes: Vec::new(), root: NIL, free: NIL, len: 0 }
+        Self {
+            firsts: Vec::new(),
+            max_lasts: Vec::new(),
+            chunk_max: Vec::new(),
+            blocks: Vec::new(),
+            spare: None,
+            len: 0,
+        }
     }
 
-    /// Number of entries in the tree.
+    /// Number of entries.
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Whether the tree has no entries.
+    /// Whether the index has no entries.
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// Inserts `[start, last]` with `value` in `O(log n)`.
-    ///
-    /// The caller guarantees `start <= last` (the tree stays internally
-    /// consistent even if not, but such an entry only matches queries that
-    /// satisfy `entry.start <= q.last && entry.last >= q.start`). Entries
-    /// with the same `(start, last)`, with or without the same value, are
-    /// allowed and are kept in insertion order.
-    ///
-    /// # Panics
-    ///
-    /// Only if the arena would need more than `u32::MAX - 1` slots, i.e.
-    /// after more than four billion simultaneously live entries.
-    pub(crate) fn insert(&mut self, start: u64, last: u64, value: V) {
-        let new = self.alloc(Node::leaf(start, last, value));
-        self.root = self.insert_at(self.root, new);
-        self.len += 1;
+    /// The last block whose first entry is `<= (start, last, value)`, or
+    /// `None` if every entry is greater (or the index is empty).
+    #[inline]
+    fn floor_block(&self, start: u64, last: u64, value: V) -> Option<usize> {
+        // Blocks `..hi` start at or before `start`.
+        let hi = self.firsts.partition_point(|&f| f <= start);
+        let b = hi.checked_sub(1)?;
+        if self.firsts[b] != start {
+            return Some(b);
+        }
+        // Blocks `lo..hi` have first start == start (usually just `b`):
+        // compare their first entries in full.
+        let lo = self.firsts[..b].partition_point(|&f| f < start);
+        let k = self.blocks[lo..hi].partition_point(|blk| (blk.lasts[0], blk.vals[0]) <= (last, value));
+        (lo + k).checked_sub(1)
     }
 
-    /// Removes the entry equal in start, last AND value; returns whether one was found.
+    /// Inserts `[start, last]` with `value`.
     ///
-    /// If several identical entries exist, exactly one of them is removed.
-    /// Costs `O(log n + d)` where `d` is the number of entries with the same
-    /// `(start, last)`.
-    pub(crate) fn remove(&mut self, start: u64, last: u64, value: V) -> bool {
-        match self.remove_at(self.root, (start, last), value) {
-            Some(root) => {
-                self.root = root;
-                self.len -= 1;
-                self.after_remove();
-                true
+    /// The caller guarantees `start <= last` (the index stays consistent if
+    /// not, but such an entry only matches queries that satisfy
+    /// `entry.start <= q.last && entry.last >= q.start`). Entries with the
+    /// same `(start, last)`, with or without the same value, are allowed;
+    /// they are kept in value order.
+    pub(crate) fn insert(&mut self, start: u64, last: u64, value: V) {
+        self.len += 1;
+        if self.blocks.is_empty() {
+            let block = self.new_block(start, last, value);
+            self.push_block(0, block);
+            return;
+        }
+        // The floor block, or block 0 (then `i == 0`).
+        let mut b = self.floor_block(start, last, value).unwrap_or(0);
+        let n = self.blocks[b].len;
+        let mut i = self.blocks[b].lower_bound(start, last, value);
+        if n == BLOCK_MAX {
+            if i == n && self.blocks.get(b + 1).is_some_and(|next| next.len < BLOCK_MAX) {
+                // Between two blocks, and the next one has room.
+                b += 1;
+                i = 0;
+            } else if (i == n && b + 1 == self.blocks.len()) || (i == 0 && b == 0) {
+                // Past either end of the index: a new block, so that entries
+                // inserted in order (or in reverse) leave full blocks.
+                let at = if i == 0 { 0 } else { b + 1 };
+                let block = self.new_block(start, last, value);
+                self.push_block(at, block);
+                return;
+            } else {
+                let half = BLOCK_MAX / 2;
+                let right = self.blocks[b].split_off(half, self.spare.take());
+                self.max_lasts[b] = self.blocks[b].max_last();
+                self.push_block(b + 1, right);
+                if i > half {
+                    b += 1;
+                    i -= half;
+                }
             }
-            None => false,
+        }
+        self.blocks[b].insert_at(i, (start, last, value));
+        if i == 0 {
+            self.firsts[b] = start;
+        }
+        if last > self.max_lasts[b] {
+            self.max_lasts[b] = last;
+            let c = &mut self.chunk_max[b / CHUNK];
+            *c = (*c).max(last);
         }
     }
 
+    /// Removes the entry equal in start, last AND value; returns whether one
+    /// was found. If several identical entries exist, exactly one of them is
+    /// removed.
+    pub(crate) fn remove(&mut self, start: u64, last: u64, value: V) -> bool {
+        // An equal entry, if any, is in the floor block: were it only in an
+        // earlier block, the floor block's first entry would be equal too.
+        let Some(b) = self.floor_block(start, last, value) else {
+            return false;
+        };
+        let block = &mut self.blocks[b];
+        let i = block.lower_bound(start, last, value);
+        if i == block.len || block.get(i) != (start, last, value) {
+            return false;
+        }
+        block.remove_at(i);
+        self.len -= 1;
+        if block.len == 0 {
+            let block = self.remove_block(b);
+            self.retire(block);
+            return true;
+        }
+        if i == 0 {
+            self.firsts[b] = block.starts[0];
+        }
+        let small = block.len < BLOCK_MIN;
+        if last == self.max_lasts[b] {
+            self.max_lasts[b] = block.max_last();
+            if last == self.chunk_max[b / CHUNK] {
+                self.refresh_chunks(b, b + 1);
+            }
+        }
+        if small {
+            self.merge_small(b);
+        }
+        true
+    }
+
+    /// Merges block `b` into a neighbour when the result fits in a block.
+    fn merge_small(&mut self, b: usize) {
+        let len = self.blocks[b].len;
+        let fits = |j: usize| self.blocks[j].len + len <= BLOCK_MAX;
+        let left = if b + 1 < self.blocks.len() && fits(b + 1) {
+            b
+        } else if b > 0 && fits(b - 1) {
+            b - 1
+        } else {
+            return;
+        };
+        let right_max = self.max_lasts[left + 1];
+        self.max_lasts[left] = self.max_lasts[left].max(right_max);
+        let right = self.remove_block(left + 1);
+        self.blocks[left].append(&right);
+        self.retire(right);
+    }
+
+    /// A one-entry block, the spare if there is one.
+    fn new_block(&mut self, start: u64, last: u64, value: V) -> Box<Block<V>> {
+        let Some(mut block) = self.spare.take() else {
+            return Block::new(start, last, value);
+        };
+        block.starts[0] = start;
+        block.lasts[0] = last;
+        block.vals[0] = value;
+        block.len = 1;
+        block
+    }
+
+    /// Inserts `block` (non-empty) at position `at` of the top arrays.
+    fn push_block(&mut self, at: usize, block: Box<Block<V>>) {
+        self.firsts.insert(at, block.starts[0]);
+        self.max_lasts.insert(at, block.max_last());
+        self.blocks.insert(at, block);
+        // From the block before: a split lowered its `max_last`.
+        self.refresh_chunks(at.saturating_sub(1), self.blocks.len());
+    }
+
+    /// Recomputes the `chunk_max` entries covering blocks `from..to` (and
+    /// resizes `chunk_max` to the number of blocks). `O(to - from + CHUNK)`
+    /// sequential reads: a block added or removed shifts every later block,
+    /// so after a split or merge `to` is the end (at 32k entries, ~1000
+    /// reads every ~16 updates).
+    fn refresh_chunks(&mut self, from: usize, to: usize) {
+        let nb = self.max_lasts.len();
+        let nc = nb.div_ceil(CHUNK);
+        self.chunk_max.resize(nc, 0);
+        for c in from / CHUNK..to.div_ceil(CHUNK).min(nc) {
+            let blocks = &self.max_lasts[c * CHUNK..nb.min((c + 1) * CHUNK)];
+            self.chunk_max[c] = blocks.iter().copied().max().unwrap_or(0);
+        }
+    }
+
+    /// Keeps a block taken out of the index as the spare (emptied), unless
+    /// the index is now empty.
+    fn retire(&mut self, mut block: Box<Block<V>>) {
+        if self.blocks.is_empty() {
+            self.spare = None;
+            return;
+        }
+        block.starts = [PAD; BLOCK_MAX];
+        block.len = 0;
+        self.spare = Some(block);
+    }
+
+    fn remove_block(&mut self, b: usize) -> Box<Block<V>> {
+        self.firsts.remove(b);
+        self.max_lasts.remove(b);
+        let block = self.blocks.remove(b);
+        // From the block before: a merge raised its `max_last`.
+        self.refresh_chunks(b.saturating_sub(1), self.blocks.len());
+        // Memory proportional to what is in use (amortised O(1): shrinking
+        // at least halves), and nothing at all when empty.
+        if self.blocks.is_empty() {
+            self.firsts = Vec::new();
+            self.max_lasts = Vec::new();
+            self.chunk_max = Vec::new();
+            self.blocks = Vec::new();
+        } else if self.blocks.len() < self.blocks.capacity() / 4 {
+            let cap = self.blocks.len() * 2;
+            self.firsts.shrink_to(cap);
+            self.max_lasts.shrink_to(cap);
+            self.chunk_max.shrink_to(cap.div_ceil(CHUNK));
+            self.blocks.shrink_to(cap);
+        }
+        block
+    }
+
     /// Calls `f(start, last, value)` for every entry intersecting `[start, last]`
-    /// (inclusive both), in ascending `start` order.
+    /// (inclusive both), in ascending `(start, last, value)` order.
     ///
     /// An entry `e` intersects the query iff `e.start <= last && e.last >= start`.
-    /// Costs `O(log n + k)` for `k` matches that are contiguous in start
-    /// order, `O(log n + k log(n / k))` in the worst case (see the module docs).
     pub(crate) fn for_each_overlap(&self, start: u64, last: u64, mut f: impl FnMut(u64, u64, V)) {
         for (s, l, v) in self.overlaps(start, last) {
             f(s, l, v);
@@ -188,270 +435,57 @@ impl<V: Copy + Eq> HvaTree<V> {
     }
 
     /// Iterator over every entry intersecting `[start, last]` (inclusive both),
-    /// in ascending `start` order; same semantics as [`Self::for_each_overlap`].
-    ///
-    /// Uses a fixed-size explicit stack: no recursion, no allocation.
+    /// in ascending `(start, last, value)` order; same semantics as
+    /// [`Self::for_each_overlap`]. Never allocates.
     pub(crate) fn overlaps(&self, start: u64, last: u64) -> Overlaps<'_, V> {
-        let mut it = Overlaps { nodes: &self.nodes, stack: [NIL; MAX_HEIGHT], depth: 0, start, last };
-        it.push_left(self.root);
+        // Blocks from `end` on start after the query.
+        let end = self.firsts.partition_point(|&f| f <= last);
+        let mut it = Overlaps {
+            chunk_max: &self.chunk_max,
+            max_lasts: &self.max_lasts[..end],
+            blocks: &self.blocks[..end],
+            b: 0,
+            i: 0,
+            start,
+            last,
+        };
+        it.seek_block(0);
         it
     }
 
-    /// All entries as `(start, last, value)`, in ascending `(start, last)`
-    /// order (insertion order among equal `(start, last)`).
+    /// All entries as `(start, last, value)`, in ascending order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u64, V)> + '_ {
-        self.overlaps(0, u64::MAX)
+        self.blocks.iter().flat_map(|b| (0..b.len).map(move |i| b.get(i)))
     }
 
     /// Bytes of heap memory held (capacity-based), for a memory report.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.nodes.capacity().saturating_mul(core::mem::size_of::<Node<V>>())
-    }
-
-    // ----------------------------------------------------------------------
-    // Arena management.
-
-    /// Stores `node` in a free slot (or a new one) and returns its index.
-    fn alloc(&mut self, node: Node<V>) -> u32 {
-        if self.free != NIL {
-            let i = self.free;
-            self.free = self.nodes[idx(i)].left;
-            self.nodes[idx(i)] = node;
-            i
-        } else {
-            // A memslot set holds at most 32767 slots, far below u32::MAX.
-            #[allow(clippy::expect_used)]
-            let i = u32::try_from(self.nodes.len())
-                .ok()
-                .filter(|&i| i != NIL)
-                .expect("HvaTree: more than u32::MAX - 1 live entries");
-            self.nodes.push(node);
-            i
-        }
-    }
-
-    /// Puts slot `i` (already unlinked from the tree) on the free list.
-    fn release(&mut self, i: u32) {
-        let free = self.free;
-        let node = &mut self.nodes[idx(i)];
-        node.left = free;
-        node.right = NIL;
-        node.height = 0;
-        self.free = i;
-    }
-
-    /// Keeps memory proportional to `len` after a removal.
-    fn after_remove(&mut self) {
-        if self.len == 0 {
-            self.nodes = Vec::new();
-            self.root = NIL;
-            self.free = NIL;
-        } else if self.nodes.capacity() >= MIN_SHRINK_CAPACITY && self.len < self.nodes.capacity() / 4 {
-            self.repack();
-        }
-    }
-
-    /// Moves all live entries into a fresh arena of capacity `2 * len`,
-    /// rebuilt as a perfectly balanced tree (a valid AVL tree), with an empty
-    /// free list. `O(n)`.
-    fn repack(&mut self) {
-        let mut nodes = Vec::with_capacity(self.len.saturating_mul(2));
-        nodes.extend(self.iter().map(|(s, l, v)| Node::leaf(s, l, v)));
-        self.nodes = nodes;
-        self.free = NIL;
-        // `len` is below the previous arena length, whose indices all fit in u32.
-        // len <= arena size, which insert() keeps below u32::MAX.
-        #[allow(clippy::expect_used)]
-        let n = u32::try_from(self.len).expect("HvaTree: len fits in u32");
-        self.root = self.build(0, n);
-    }
-
-    /// Links the (in-order) slots `lo..hi` into a balanced subtree and
-    /// returns its root. Recursion depth is `log2(hi - lo) + 1`.
-    fn build(&mut self, lo: u32, hi: u32) -> u32 {
-        if lo >= hi {
-            return NIL;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let left = self.build(lo, mid);
-        let right = self.build(mid + 1, hi);
-        let node = &mut self.nodes[idx(mid)];
-        node.left = left;
-        node.right = right;
-        self.update(mid);
-        mid
-    }
-
-    // ----------------------------------------------------------------------
-    // AVL primitives.
-
-    /// Height of subtree `i` (0 for [`NIL`]).
-    fn height(&self, i: u32) -> u8 {
-        if i == NIL {
-            0
-        } else {
-            self.nodes[idx(i)].height
-        }
-    }
-
-    /// `max_last` of subtree `i` (0, the neutral element of `max`, for [`NIL`]).
-    fn max_last(&self, i: u32) -> u64 {
-        if i == NIL {
-            0
-        } else {
-            self.nodes[idx(i)].max_last
-        }
-    }
-
-    /// Recomputes `height` and `max_last` of `i` from its children.
-    fn update(&mut self, i: u32) {
-        let Node { left, right, last, .. } = self.nodes[idx(i)];
-        // Heights are at most 45 (see MAX_HEIGHT), so `+ 1` cannot overflow.
-        let height = self.height(left).max(self.height(right)) + 1;
-        let max_last = last.max(self.max_last(left)).max(self.max_last(right));
-        let node = &mut self.nodes[idx(i)];
-        node.height = height;
-        node.max_last = max_last;
-    }
-
-    /// Rotates subtree `y` right; returns the new subtree root.
-    fn rotate_right(&mut self, y: u32) -> u32 {
-        let x = self.nodes[idx(y)].left;
-        self.nodes[idx(y)].left = self.nodes[idx(x)].right;
-        self.nodes[idx(x)].right = y;
-        self.update(y);
-        self.update(x);
-        x
-    }
-
-    /// Rotates subtree `x` left; returns the new subtree root.
-    fn rotate_left(&mut self, x: u32) -> u32 {
-        let y = self.nodes[idx(x)].right;
-        self.nodes[idx(x)].right = self.nodes[idx(y)].left;
-        self.nodes[idx(y)].left = x;
-        self.update(x);
-        self.update(y);
-        y
-    }
-
-    /// Updates `i` and restores the AVL property at `i`, assuming both of
-    /// its subtrees are valid AVL trees whose heights differ by at most 2.
-    /// Returns the new subtree root.
-    fn balance(&mut self, i: u32) -> u32 {
-        self.update(i);
-        let Node { left, right, .. } = self.nodes[idx(i)];
-        let hl = self.height(left);
-        let hr = self.height(right);
-        if hl > hr + 1 {
-            let Node { left: ll, right: lr, .. } = self.nodes[idx(left)];
-            if self.height(ll) < self.height(lr) {
-                self.nodes[idx(i)].left = self.rotate_left(left);
-            }
-            self.rotate_right(i)
-        } else if hr > hl + 1 {
-            let Node { left: rl, right: rr, .. } = self.nodes[idx(right)];
-            if self.height(rr) < self.height(rl) {
-                self.nodes[idx(i)].right = self.rotate_right(right);
-            }
-            self.rotate_left(i)
-        } else {
-            i
-        }
-    }
-
-    /// Inserts the detached leaf `new` into subtree `i`; returns the new root.
-    fn insert_at(&mut self, i: u32, new: u32) -> u32 {
-        if i == NIL {
-            return new;
-        }
-        let n = self.nodes[idx(i)];
-        let k = self.nodes[idx(new)];
-        if (k.start, k.last) < (n.start, n.last) {
-            self.nodes[idx(i)].left = self.insert_at(n.left, new);
-        } else {
-            self.nodes[idx(i)].right = self.insert_at(n.right, new);
-        }
-        self.balance(i)
-    }
-
-    /// Removes one entry equal to `(key, value)` from subtree `i`.
-    /// Returns the new subtree root, or `None` (subtree untouched) if absent.
-    fn remove_at(&mut self, i: u32, key: (u64, u64), value: V) -> Option<u32> {
-        if i == NIL {
-            return None;
-        }
-        let n = self.nodes[idx(i)];
-        match key.cmp(&(n.start, n.last)) {
-            Ordering::Less => {
-                self.nodes[idx(i)].left = self.remove_at(n.left, key, value)?;
-            }
-            Ordering::Greater => {
-                self.nodes[idx(i)].right = self.remove_at(n.right, key, value)?;
-            }
-            Ordering::Equal if n.value == value => return Some(self.delete(i)),
-            // Equal keys may sit on either side of `i` after rotations.
-            Ordering::Equal => {
-                if let Some(left) = self.remove_at(n.left, key, value) {
-                    self.nodes[idx(i)].left = left;
-                } else {
-                    self.nodes[idx(i)].right = self.remove_at(n.right, key, value)?;
-                }
-            }
-        }
-        Some(self.balance(i))
-    }
-
-    /// Unlinks node `i` from its subtree and frees it; returns the new
-    /// subtree root.
-    fn delete(&mut self, i: u32) -> u32 {
-        let Node { left, right, .. } = self.nodes[idx(i)];
-        if left == NIL {
-            self.release(i);
-            right
-        } else if right == NIL {
-            self.release(i);
-            left
-        } else {
-            // Replace i's payload with its in-order successor's and free the
-            // successor's slot instead.
-            let (new_right, succ) = self.remove_min(right);
-            let Node { start, last, value, .. } = self.nodes[idx(succ)];
-            self.release(succ);
-            let node = &mut self.nodes[idx(i)];
-            node.start = start;
-            node.last = last;
-            node.value = value;
-            node.right = new_right;
-            self.balance(i)
-        }
-    }
-
-    /// Detaches the leftmost node of non-empty subtree `i`.
-    /// Returns `(new subtree root, detached node)`.
-    fn remove_min(&mut self, i: u32) -> (u32, u32) {
-        let Node { left, right, .. } = self.nodes[idx(i)];
-        if left == NIL {
-            return (right, i);
-        }
-        let (new_left, min) = self.remove_min(left);
-        self.nodes[idx(i)].left = new_left;
-        (self.balance(i), min)
+        let top = self.firsts.capacity() * core::mem::size_of::<u64>()
+            + self.max_lasts.capacity() * core::mem::size_of::<u64>()
+            + self.chunk_max.capacity() * core::mem::size_of::<u64>()
+            + self.blocks.capacity() * core::mem::size_of::<Box<Block<V>>>();
+        let blocks = self.blocks.len() + usize::from(self.spare.is_some());
+        top + blocks * core::mem::size_of::<Block<V>>()
     }
 }
 
 /// Iterator over the entries of an [`HvaTree`] intersecting a query range,
-/// in ascending `start` order. Created by [`HvaTree::overlaps`].
+/// in ascending `(start, last, value)` order. Created by
+/// [`HvaTree::overlaps`].
 ///
-/// Yields `(start, last, value)`. Holds a fixed-size stack; never allocates.
+/// Yields `(start, last, value)`. Never allocates.
 #[derive(Clone)]
 pub(crate) struct Overlaps<'a, V> {
-    /// The tree's arena.
-    nodes: &'a [Node<V>],
-    /// Pending nodes (all intersect-candidates with `start <= last`), whose
-    /// left subtrees have already been handled; top at `depth - 1`.
-    stack: [u32; MAX_HEIGHT],
-    /// Number of live entries in `stack`.
-    depth: usize,
+    /// The index's `chunk_max` (may cover blocks past `max_lasts`).
+    chunk_max: &'a [u64],
+    /// `max_last` of the blocks that start at or before the query's last.
+    max_lasts: &'a [u64],
+    /// Those blocks.
+    blocks: &'a [Box<Block<V>>],
+    /// Current block (`blocks.len()` when done).
+    b: usize,
+    /// Next position in the current block.
+    i: usize,
     /// Query start (inclusive).
     start: u64,
     /// Query last (inclusive).
@@ -459,23 +493,24 @@ pub(crate) struct Overlaps<'a, V> {
 }
 
 impl<V> Overlaps<'_, V> {
-    /// Pushes the leftmost path of subtree `i`, pruning subtrees that end
-    /// before the query and not pushing nodes that start after it (whose
-    /// right subtrees then cannot match either).
-    fn push_left(&mut self, mut i: u32) {
-        while i != NIL {
-            let n = &self.nodes[idx(i)];
-            if n.max_last < self.start {
-                return;
+    /// Moves to the first block from `b` on that may hold a match: skips
+    /// chunks of [`CHUNK`] blocks by `chunk_max`, then blocks by `max_last`.
+    #[inline]
+    fn seek_block(&mut self, mut b: usize) {
+        let (start, end) = (self.start, self.max_lasts.len());
+        self.i = 0;
+        while b < end {
+            let c = b / CHUNK;
+            let hi = end.min((c + 1) * CHUNK);
+            if self.chunk_max[c] >= start {
+                if let Some(k) = self.max_lasts[b..hi].iter().position(|&m| m >= start) {
+                    self.b = b + k;
+                    return;
+                }
             }
-            if n.start <= self.last {
-                // At most one node per tree level is ever pending, and the
-                // height never exceeds 45 < MAX_HEIGHT (see its docs).
-                self.stack[self.depth] = i;
-                self.depth += 1;
-            }
-            i = n.left;
+            b = hi;
         }
+        self.b = end;
     }
 }
 
@@ -483,13 +518,21 @@ impl<V: Copy> Iterator for Overlaps<'_, V> {
     type Item = (u64, u64, V);
 
     fn next(&mut self) -> Option<Self::Item> {
-        while self.depth > 0 {
-            self.depth -= 1;
-            let n = self.nodes[idx(self.stack[self.depth])];
-            self.push_left(n.right);
-            if n.last >= self.start {
-                return Some((n.start, n.last, n.value));
+        while let Some(block) = self.blocks.get(self.b) {
+            while self.i < block.len {
+                let i = self.i;
+                let s = block.starts[i];
+                if s > self.last {
+                    // Sorted by start: nothing after this can match.
+                    self.b = self.blocks.len();
+                    return None;
+                }
+                self.i += 1;
+                if block.lasts[i] >= self.start {
+                    return Some((s, block.lasts[i], block.vals[i]));
+                }
             }
+            self.seek_block(self.b + 1);
         }
         None
     }
@@ -498,52 +541,38 @@ impl<V: Copy> Iterator for Overlaps<'_, V> {
 impl<V: Copy> FusedIterator for Overlaps<'_, V> {}
 
 #[cfg(test)]
-impl<V: Copy + Eq> HvaTree<V> {
-    /// Asserts every structural invariant: BST order, AVL heights and
-    /// balance, `max_last`, `len`, free-list accounting, empty arena when
-    /// empty, and the stack bound used by [`Overlaps`].
+impl<V: Copy + Ord> HvaTree<V> {
+    /// Asserts every structural invariant: order, block sizes and padding,
+    /// the top arrays, `len`, the spare, and no memory when empty.
     fn check_invariants(&self) {
-        let mut count = 0;
-        let height = self.check_subtree(self.root, &mut count);
-        assert_eq!(count, self.len, "len mismatch");
-        assert!(usize::from(height) < MAX_HEIGHT);
-
-        let mut free = 0;
-        let mut f = self.free;
-        while f != NIL {
-            free += 1;
-            assert!(free <= self.nodes.len(), "free list cycle");
-            assert_eq!(self.nodes[idx(f)].height, 0, "free slot marked live");
-            f = self.nodes[idx(f)].left;
+        assert_eq!(self.firsts.len(), self.blocks.len());
+        assert_eq!(self.max_lasts.len(), self.blocks.len());
+        let chunks: Vec<u64> = self.max_lasts.chunks(CHUNK).map(|c| c.iter().copied().max().unwrap_or(0)).collect();
+        assert_eq!(self.chunk_max, chunks, "stale chunk_max");
+        let mut n = 0;
+        let mut prev: Option<(u64, u64, V)> = None;
+        for (b, blk) in self.blocks.iter().enumerate() {
+            assert!(blk.len > 0 && blk.len <= BLOCK_MAX, "bad block size");
+            assert_eq!(self.firsts[b], blk.starts[0], "stale first");
+            assert_eq!(self.max_lasts[b], blk.max_last(), "stale max_last");
+            assert!(blk.starts[blk.len..].iter().all(|&s| s == PAD), "bad padding");
+            for i in 0..blk.len {
+                let e = blk.get(i);
+                assert!(prev.is_none_or(|p| p <= e), "order broken");
+                prev = Some(e);
+            }
+            n += blk.len;
         }
-        assert_eq!(count + free, self.nodes.len(), "leaked arena slots");
-
+        assert_eq!(n, self.len, "len mismatch");
+        // Blocks stay reasonably full (merges), so memory tracks entries.
+        assert!(self.blocks.len() <= 2 * self.len / BLOCK_MIN + 1, "too many blocks");
+        if let Some(spare) = &self.spare {
+            assert!(self.len > 0 && spare.len == 0 && spare.starts.iter().all(|&s| s == PAD));
+        }
         if self.len == 0 {
-            assert_eq!(self.root, NIL);
-            assert_eq!(self.nodes.capacity(), 0, "empty tree holds memory");
+            assert!(self.spare.is_none());
+            assert_eq!(self.heap_bytes(), 0, "empty index holds memory");
         }
-
-        // In-order walk (via the iterator) is sorted by (start, last).
-        let keys: Vec<(u64, u64)> = self.iter().map(|(s, l, _)| (s, l)).collect();
-        assert_eq!(keys.len(), self.len);
-        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "BST order broken");
-    }
-
-    /// Checks subtree `i`, adds its node count to `count`, returns its height.
-    fn check_subtree(&self, i: u32, count: &mut usize) -> u8 {
-        if i == NIL {
-            return 0;
-        }
-        *count += 1;
-        assert!(*count <= self.nodes.len(), "cycle in tree");
-        let n = self.nodes[idx(i)];
-        let hl = self.check_subtree(n.left, count);
-        let hr = self.check_subtree(n.right, count);
-        assert!(hl.abs_diff(hr) <= 1, "AVL balance violated");
-        assert_eq!(n.height, hl.max(hr) + 1, "stale height");
-        let expect = n.last.max(self.max_last(n.left)).max(self.max_last(n.right));
-        assert_eq!(n.max_last, expect, "stale max_last");
-        n.height
     }
 }
 
@@ -576,8 +605,7 @@ mod tests {
         tree.for_each_overlap(start, last, |s, l, v| a.push((s, l, v)));
         let b: Vec<Entry> = tree.overlaps(start, last).collect();
         assert_eq!(a, b, "for_each_overlap and overlaps disagree");
-        assert!(a.windows(2).all(|w| w[0].0 <= w[1].0), "not in ascending start order: {a:?}");
-        assert_eq!(sorted(a), naive(model, start, last), "query [{start}, {last}]");
+        assert_eq!(a, naive(model, start, last), "query [{start}, {last}]");
     }
 
     /// Checks len, iter and invariants against the model.
@@ -586,8 +614,7 @@ mod tests {
         assert_eq!(tree.len(), model.len());
         assert_eq!(tree.is_empty(), model.is_empty());
         let all: Vec<Entry> = tree.iter().collect();
-        assert!(all.windows(2).all(|w| (w[0].0, w[0].1) <= (w[1].0, w[1].1)));
-        assert_eq!(sorted(all), sorted(model.to_vec()));
+        assert_eq!(all, sorted(model.to_vec()));
     }
 
     fn remove_from_model(model: &mut Vec<Entry>, e: Entry) -> bool {
@@ -627,7 +654,7 @@ mod tests {
             t.insert(100, 200, v);
         }
         t.check_invariants();
-        // Insertion order is kept among equal keys.
+        // Equal keys come out in value order.
         let vals: Vec<u8> = t.iter().map(|(_, _, v)| v).collect();
         assert_eq!(vals, (0..10).collect::<Vec<_>>());
         assert_eq!(t.overlaps(150, 150).count(), 10);
@@ -723,24 +750,28 @@ mod tests {
 
     #[test]
     fn memory_tracks_live_entries() {
+        let block = core::mem::size_of::<Block<u32>>();
         let mut t = HvaTree::new();
         for i in 0..4096u64 {
             t.insert(i * 16, i * 16 + 15, 0u32);
         }
         let full = t.heap_bytes();
-        assert!(full >= 4096 * core::mem::size_of::<Node<u32>>());
-        // Free slots are reused: churn does not grow the arena.
+        // Inserted in order: full blocks.
+        assert_eq!(t.blocks.len(), 4096 / BLOCK_MAX);
+        assert!(full >= 4096 / BLOCK_MAX * block);
+        // Churn does not grow the index much (splits leave half-full blocks).
         for i in 0..4096u64 {
             assert!(t.remove(i * 16, i * 16 + 15, 0));
             t.insert(i * 16, i * 16 + 15, 1);
         }
-        assert_eq!(t.heap_bytes(), full);
+        t.check_invariants();
+        assert!(t.heap_bytes() <= 3 * full);
         for i in 0..4000u64 {
             assert!(t.remove(i * 16, i * 16 + 15, 1));
         }
         t.check_invariants();
         assert_eq!(t.len(), 96);
-        assert!(t.heap_bytes() <= 4 * 96 * core::mem::size_of::<Node<u32>>());
+        assert!(t.heap_bytes() <= (2 * 96 / BLOCK_MIN + 2) * (block + 64));
         for i in 4000..4096u64 {
             assert!(t.remove(i * 16, i * 16 + 15, 1));
             t.check_invariants();
@@ -749,18 +780,107 @@ mod tests {
     }
 
     #[test]
-    fn sequential_inserts_stay_balanced() {
+    fn sequential_inserts_fill_blocks() {
         let mut t = HvaTree::new();
         for i in 0..10_000u64 {
             t.insert(i, i, 0u8);
         }
         t.check_invariants();
-        // AVL bound: height <= 1.44 log2(n + 2).
-        assert!(t.height(t.root) <= 20);
+        assert_eq!(t.blocks.len(), 10_000usize.div_ceil(BLOCK_MAX));
         for i in (0..10_000u64).rev().step_by(2) {
             assert!(t.remove(i, i, 0));
         }
         t.check_invariants();
+        // Reverse order fills blocks too.
+        let mut t = HvaTree::new();
+        for i in (0..10_000u64).rev() {
+            t.insert(i, i, 0u8);
+        }
+        t.check_invariants();
+        assert_eq!(t.blocks.len(), 10_000usize.div_ceil(BLOCK_MAX));
+    }
+
+    /// Splits and merges in the middle of the index, with duplicates of the
+    /// same `(start, last)` spanning several blocks.
+    #[test]
+    fn splits_and_merges() {
+        let mut t = HvaTree::new();
+        let mut model = Vec::new();
+        // Interleaved inserts: every block in the middle splits.
+        for round in 0..4u64 {
+            for i in 0..200u64 {
+                let e = (i * 8 + round, i * 8 + round + 20, u8::try_from(round).unwrap());
+                t.insert(e.0, e.1, e.2);
+                model.push(e);
+            }
+            check_all(&t, &model);
+        }
+        // Identical intervals spanning blocks, with all values.
+        for v in (0..=255u8).rev() {
+            t.insert(500, 600, v);
+            model.push((500, 600, v));
+        }
+        for v in 0..100u8 {
+            t.insert(500, 600, v);
+            model.push((500, 600, v));
+        }
+        check_all(&t, &model);
+        assert!(t.blocks.len() > 20);
+        let dups: Vec<Entry> = t.iter().filter(|&(s, l, _)| (s, l) == (500, 600)).collect();
+        assert_eq!(dups, sorted(dups.clone()));
+        for q in (0..1700).step_by(37) {
+            check_query(&t, &model, q, q + 50);
+        }
+        // Remove every other entry, then everything, checking as we go.
+        let all: Vec<Entry> = t.iter().collect();
+        for (k, &(s, l, v)) in all.iter().enumerate().filter(|(k, _)| k % 2 == 0) {
+            assert!(t.remove(s, l, v));
+            remove_from_model(&mut model, (s, l, v));
+            if k % 16 == 0 {
+                check_all(&t, &model);
+            }
+        }
+        check_all(&t, &model);
+        for q in (0..1700).step_by(37) {
+            check_query(&t, &model, q, q + 50);
+        }
+        while let Some(&(s, l, v)) = model.last() {
+            assert!(t.remove(s, l, v));
+            model.pop();
+            if model.len() % 16 == 0 {
+                check_all(&t, &model);
+            }
+        }
+        assert_eq!(t.heap_bytes(), 0);
+    }
+
+    /// Long intervals in early blocks must be found by queries far right.
+    #[test]
+    fn long_intervals_in_early_blocks() {
+        let mut t = HvaTree::new();
+        let mut model = Vec::new();
+        for i in 0..2000u64 {
+            let e = (i * 100, i * 100 + 10, 0u8);
+            t.insert(e.0, e.1, e.2);
+            model.push(e);
+        }
+        for &e in &[(50, 150_000, 1u8), (1000, 100_500, 2), (3000, MAX, 3), (150_000, 150_001, 4)] {
+            t.insert(e.0, e.1, e.2);
+            model.push(e);
+        }
+        check_all(&t, &model);
+        for q in [0, 55, 99_999, 100_000, 100_505, 149_999, 150_000, 150_001, 160_000, 199_905, 250_000, MAX] {
+            check_query(&t, &model, q, q);
+            check_query(&t, &model, q, q.saturating_add(1000));
+        }
+        let got: Vec<Entry> = t.overlaps(120_050, 120_050).collect();
+        assert_eq!(got, vec![(50, 150_000, 1), (3000, MAX, 3)]);
+        assert!(t.remove(50, 150_000, 1));
+        assert!(t.remove(3000, MAX, 3));
+        model.retain(|e| e.2 != 1 && e.2 != 3);
+        check_all(&t, &model);
+        assert_eq!(t.overlaps(120_050, 120_050).count(), 0);
+        check_query(&t, &model, 100_400, 100_400);
     }
 
     // ------------------------------------------------------------------
@@ -861,8 +981,8 @@ mod tests {
                     }
                 }
                 prop_assert!(
-                    tree.nodes.capacity() < MIN_SHRINK_CAPACITY
-                        || tree.len() >= tree.nodes.capacity() / 4
+                    tree.blocks.capacity() <= 4
+                        || tree.blocks.len() >= tree.blocks.capacity() / 4
                 );
             }
             prop_assert!(tree.is_empty());
