@@ -251,16 +251,24 @@ impl Lookup for VmLookup<'_, '_> {
     /// after a grace period that waits for this section.
     #[inline]
     fn fast_read(&self, gpa: u64) -> Option<(*mut u8, usize)> {
-        let (hva, pages) = self.guard.gfn_to_hva_many(self.as_id, gpa >> PAGE_SHIFT, false).ok()?;
-        if !self.guard.vm().hooks().all_backed() {
-            return None;
-        }
-        let in_page = gpa & (PAGE_SIZE - 1);
-        // `pages >= 1` pages from gpa's page to the slot's end.
-        let avail = usize::try_from((pages << PAGE_SHIFT) - in_page).ok()?;
-        let addr = usize::try_from(hva + in_page).ok()?;
-        Some((std::ptr::with_exposed_provenance_mut::<u8>(addr), avail))
+        let many = self.guard.gfn_to_hva_many(self.as_id, gpa >> PAGE_SHIFT, false).ok()?;
+        fast_read_ptr(self.guard, many, gpa)
     }
+}
+
+/// The fast read path's pointer: `(hva, pages)` is a `gfn_to_hva_many`
+/// result for `gpa`'s page, found inside `guard`'s section. `None` (use the
+/// checked path) unless every slot is backed (see [`VmLookup::fast_read`]).
+#[inline]
+fn fast_read_ptr(guard: &ReadGuard<'_, MemHooks>, (hva, pages): (u64, u64), gpa: u64) -> Option<(*mut u8, usize)> {
+    if !guard.vm().hooks().all_backed() {
+        return None;
+    }
+    let in_page = gpa & (PAGE_SIZE - 1);
+    // `pages >= 1` pages from gpa's page to the slot's end.
+    let avail = usize::try_from((pages << PAGE_SHIFT) - in_page).ok()?;
+    let addr = usize::try_from(hva + in_page).ok()?;
+    Some((std::ptr::with_exposed_provenance_mut::<u8>(addr), avail))
 }
 
 impl Marker for ReadGuard<'_, MemHooks> {
@@ -282,15 +290,8 @@ impl Lookup for VcpuMemGuard<'_, '_> {
     /// entry it is filled from): the same fields, the same argument.
     #[inline]
     fn fast_read(&self, gpa: u64) -> Option<(*mut u8, usize)> {
-        let (hva, pages) = self.guard.gfn_to_hva_many(gpa >> PAGE_SHIFT, false).ok()?;
-        if !self.guard.vm_guard().vm().hooks().all_backed() {
-            return None;
-        }
-        let in_page = gpa & (PAGE_SIZE - 1);
-        // `pages >= 1` pages from gpa's page to the slot's end.
-        let avail = usize::try_from((pages << PAGE_SHIFT) - in_page).ok()?;
-        let addr = usize::try_from(hva + in_page).ok()?;
-        Some((std::ptr::with_exposed_provenance_mut::<u8>(addr), avail))
+        let many = self.guard.gfn_to_hva_many(gpa >> PAGE_SHIFT, false).ok()?;
+        fast_read_ptr(self.guard.vm_guard(), many, gpa)
     }
 }
 

@@ -227,19 +227,17 @@ impl DirtyBitmap {
                 }
             }
         };
-        for (c, chunk) in buf[..start].chunks(CHUNK).enumerate() {
-            if chunk.iter().fold(0, |acc, v| acc | v) != 0 {
-                merge(c * CHUNK, chunk, None);
-            }
-        }
         let cleared = scan_clear(&buf[start..end], &mask[..end - start], &mut |c| {
             let at = c * CHUNK;
             let n = CHUNK.min(end - start - at);
             merge(start + at, &buf[start + at..start + at + n], Some(&mask[at..at + n]));
         });
-        for (c, chunk) in buf[end..].chunks(CHUNK).enumerate() {
-            if chunk.iter().fold(0, |acc, v| acc | v) != 0 {
-                merge(end + c * CHUNK, chunk, None);
+        // Outside the cleared range every bit is kept.
+        for (at, words) in [(0, &buf[..start]), (end, &buf[end..])] {
+            for (c, chunk) in words.chunks(CHUNK).enumerate() {
+                if chunk.iter().fold(0, |acc, v| acc | v) != 0 {
+                    merge(at + c * CHUNK, chunk, None);
+                }
             }
         }
         // SAFETY: as above; `buf` is not used after this point.

@@ -37,6 +37,12 @@ impl<D> Copy for Cache<D> {}
 
 impl<D> Cache<D> {
     const EMPTY: Self = Cache { gen: 0, base_gfn: 0, npages: 0, hva: 0, flags: 0, slot: None };
+
+    /// Whether this entry answers for `gfn` under the current generation `gen`.
+    #[inline]
+    fn hit(&self, gen: u64, gfn: u64) -> bool {
+        gen == self.gen && gfn.wrapping_sub(self.base_gfn) < self.npages
+    }
 }
 
 /// A vCPU's view of the VM's memslots.
@@ -197,7 +203,7 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
         // generation we tag with is already stale and never validates again.
         let gen = vcpu.space.generation();
         let c = vcpu.cache.get();
-        let slot = if gen == c.gen && gfn.wrapping_sub(c.base_gfn) < c.npages { c.slot } else { self.fill(gen, gfn) };
+        let slot = if c.hit(gen, gfn) { c.slot } else { self.fill(gen, gfn) };
         // SAFETY: the pointer comes from a cache whose generation equals the
         // active set's generation read inside this section, or from `fill`,
         // which read it from the active set: either way the slot is owned by
@@ -215,11 +221,7 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
         let vcpu = self.vcpu;
         let gen = vcpu.space.generation();
         let c = vcpu.cache.get();
-        let c = if gen == c.gen && gfn.wrapping_sub(c.base_gfn) < c.npages {
-            c
-        } else {
-            self.fill_entry(gen, gfn).ok_or(HvaError::NoSlot)?
-        };
+        let c = if c.hit(gen, gfn) { c } else { self.fill_entry(gen, gfn).ok_or(HvaError::NoSlot)? };
         let hva = entry_to_hva(c.base_gfn, c.hva, c.flags, gfn, write)?;
         Ok((hva, c.npages - (gfn - c.base_gfn)))
     }
