@@ -16,7 +16,13 @@
 //! - **Copy** (with manual protect): relaxed loads of the active buffer.
 //! - **Clear** (`clear_dirty_log`): fetch-and-andnot of the caller's mask on the
 //!   active buffer, only on words where the mask is non-zero; a mark made after
-//!   the caller's copy is never cleared unless the caller's mask had it.
+//!   the caller's copy is never cleared unless the caller's mask had it. This
+//!   path has no grace period, so it relies on every mark being a
+//!   read-modify-write with release ordering and every clear one with acquire
+//!   ordering: the two RMWs on a word are totally ordered, and whichever comes
+//!   first, the page write before the mark is either visible to the harvester
+//!   after its clear or still logged. A mark that skipped its RMW when the bit
+//!   looked set would break this (store buffering); see [`DirtyBitmap::mark`].
 //!
 //! A "maybe dirty" hint (seed 004) lets a take of a clean bitmap return zeros
 //! without flipping or walking.
@@ -113,9 +119,16 @@ impl DirtyBitmap {
         // `active_buf`), each `words_for(npages)` words long, and
         // `rel < npages` makes `w` one of those words.
         let word = unsafe { &*p.add(w) };
-        if word.load(Ordering::Relaxed) & bit == 0 {
-            word.fetch_or(bit, Ordering::Release);
-        }
+        // Always a locked read-modify-write, even when the bit looks set (KVM's
+        // `set_bit_le`). A plain load that skipped the OR would let the caller's
+        // write to the page sit in this CPU's store buffer while a CLEAR on
+        // another CPU clears the bit and reads the old page: a store-buffering
+        // outcome in which the write is neither copied nor logged (issue 10,
+        // defect 1; `tests/dirty_race.rs`). With the RMW, either it comes
+        // before the harvester's RMW in the word's modification order (the
+        // harvester's acquire then sees the page write) or after (the bit
+        // stays set for the next harvest).
+        word.fetch_or(bit, Ordering::Release);
         // The hint is set after the bit, and a take clears the hint before
         // flipping: a take that misses the hint also misses nothing.
         if !self.maybe_dirty.load(Ordering::Relaxed) {
