@@ -198,6 +198,11 @@ pub enum Error {
         /// Why.
         why: &'static str,
     },
+    /// An arch hook panicked in the middle of a slot change: the two memslot
+    /// sets may disagree, so the VM refuses every further slot change (`EIO`).
+    /// Readers keep a consistent view of the last published set.
+    #[error("a slot change panicked in an arch hook; the VM accepts no more slot changes")]
+    Poisoned,
     /// Dirty ring larger than 65536 entries.
     #[error("dirty ring size {bytes} bytes exceeds 65536 entries")]
     RingTooBig {
@@ -217,6 +222,7 @@ impl Error {
             Error::DirtyBitmapsUnavailable => Errno::ENXIO,
             Error::RingTooBig { .. } => Errno::E2BIG,
             Error::BitmapTooShort { .. } => Errno::EFAULT,
+            Error::Poisoned => Errno::EIO,
             _ => Errno::EINVAL,
         }
     }

@@ -57,6 +57,9 @@ pub(crate) struct Srcu {
 pub(crate) struct SrcuGuard<'a> {
     record: &'a ReaderRecord,
     phase: usize,
+    /// The domain, for the debug-build reentrancy check.
+    #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+    domain: usize,
 }
 
 impl Drop for SrcuGuard<'_> {
@@ -65,6 +68,48 @@ impl Drop for SrcuGuard<'_> {
         // Release: everything this reader read happens-before the writer's
         // acquire load that sees the counter drop.
         self.record.counts[self.phase].fetch_sub(1, Ordering::Release);
+        #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+        section_check::exit(self.domain);
+    }
+}
+
+/// Debug builds with `std`: which grace-period domains this thread is inside
+/// a read section of, so that a writer call from inside one (which would
+/// wait for its own section forever) panics with an explanation instead of
+/// hanging. Only in builds with `debug_assertions` and `std` (not under loom).
+#[cfg(all(feature = "std", debug_assertions, not(loom)))]
+mod section_check {
+    use std::cell::RefCell;
+    use std::vec::Vec;
+
+    std::thread_local! {
+        /// (domain address, open sections) pairs; usually empty or one.
+        static OPEN: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn enter(domain: usize) {
+        OPEN.with_borrow_mut(|open| match open.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, n)) => *n += 1,
+            None => open.push((domain, 1)),
+        });
+    }
+
+    pub(super) fn exit(domain: usize) {
+        // A guard dropped on another thread than it was made on is not found
+        // here; the check is best effort, never a false alarm.
+        let _ = OPEN.try_with(|open| {
+            let mut open = open.borrow_mut();
+            if let Some(i) = open.iter().position(|(d, _)| *d == domain) {
+                open[i].1 -= 1;
+                if open[i].1 == 0 {
+                    open.swap_remove(i);
+                }
+            }
+        });
+    }
+
+    pub(super) fn inside(domain: usize) -> bool {
+        OPEN.try_with(|open| open.borrow().iter().any(|(d, _)| *d == domain)).unwrap_or(false)
     }
 }
 
@@ -113,10 +158,39 @@ impl Srcu {
             record.counts[phase].fetch_add(1, Ordering::SeqCst);
             loom_seqcst_fence();
             if self.phase.load(Ordering::SeqCst) == phase {
-                return SrcuGuard { record, phase };
+                #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+                section_check::enter(self.domain());
+                return SrcuGuard {
+                    record,
+                    phase,
+                    #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+                    domain: self.domain(),
+                };
             }
             record.counts[phase].fetch_sub(1, Ordering::Release);
         }
+    }
+
+    #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+    fn domain(&self) -> usize {
+        core::ptr::from_ref(self) as usize
+    }
+
+    /// Debug builds: panics if the calling thread is inside a read section of
+    /// this domain, where `what` (a call that waits for a grace period, or
+    /// takes a lock whose holder does) would wait for itself forever. Release
+    /// builds: nothing.
+    #[inline]
+    #[track_caller]
+    pub(crate) fn assert_outside_section(&self, what: &str) {
+        #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+        assert!(
+            !section_check::inside(self.domain()),
+            "memslots: {what} called from inside a read section (ReadGuard / VcpuGuard) of the same VM: \
+             it waits for every read section to end, including the caller's, and would hang; end the section first"
+        );
+        #[cfg(not(all(feature = "std", debug_assertions, not(loom))))]
+        let _ = what;
     }
 
     /// Waits until every read section that might have seen state published

@@ -11,7 +11,6 @@ use crate::region::{
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
 };
 use crate::slot::{GuestMemfd, MemorySlot, SlotDesc};
-use crate::sync::lock;
 use crate::vm::{Vm, WriterState};
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
@@ -63,8 +62,21 @@ impl<H: ArchHooks> Vm<H> {
         if user && sid.id >= self.config.user_slots {
             return Err(Error::SlotIdOutOfRange { slot: mem.slot, id: sid.id, limit: self.config.user_slots });
         }
-        let mut w = lock(&self.writer);
-        self.set_memory_region_locked(&mut w, mem)
+        let mut w = self.lock_writer();
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        // Hooks are user code. If one panics mid-change (after the INVALID
+        // copy was published, between a publish and its replay, ...) the two
+        // sets may no longer hold the same slots, and the replay of a later
+        // change would remove a slot from the wrong set and leave a cached
+        // pointer to a freed one. So an unwind out of here poisons the VM:
+        // every later change is refused; readers keep the active set, which
+        // is consistent at every point a hook runs (see DESIGN.md).
+        let armed = PoisonOnUnwind(&self.poisoned);
+        let r = self.set_memory_region_locked(&mut w, mem);
+        core::mem::forget(armed);
+        r
     }
 
     /// `check_memory_region_flags`.
@@ -319,6 +331,17 @@ impl<H: ArchHooks> Vm<H> {
         self.total_pages.store(w.nr_memslot_pages, Ordering::Relaxed);
         self.hooks.commit_memory_region(change, old.as_deref(), new.as_deref());
         Ok(())
+    }
+}
+
+/// Sets the flag when dropped, which only happens when a panic unwinds
+/// through [`Vm::set_memory_region`] (the normal path forgets it). Works
+/// without `std` (no `catch_unwind` needed).
+struct PoisonOnUnwind<'a>(&'a core::sync::atomic::AtomicBool);
+
+impl Drop for PoisonOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 

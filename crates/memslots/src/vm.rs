@@ -50,6 +50,8 @@ pub struct Vm<H: ArchHooks = NoArch> {
     pub(crate) dirty_ring_bytes: AtomicU32,
     /// Dirty rings with bitmaps too (`KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`).
     pub(crate) ring_with_bitmap: AtomicBool,
+    /// An arch hook panicked during a slot change ([`Error::Poisoned`]).
+    pub(crate) poisoned: AtomicBool,
 }
 
 impl<H: ArchHooks> core::fmt::Debug for Vm<H> {
@@ -114,12 +116,30 @@ impl<H: ArchHooks> Vm<H> {
             vcpus: Mutex::new(VcpuRegistry::default()),
             dirty_ring_bytes: AtomicU32::new(0),
             ring_with_bitmap: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The writer lock (KVM's `slots_lock`). Everything that holds it may wait
+    /// for a grace period, so it must never be taken inside a read section of
+    /// this VM: debug builds check that and panic with an explanation.
+    #[track_caller]
+    pub(crate) fn lock_writer(&self) -> crate::sync::MutexGuard<'_, WriterState> {
+        self.srcu.assert_outside_section("a writer call (slot change, dirty-log GET/CLEAR, ring reset, memory_usage)");
+        lock(&self.writer)
+    }
+
+    /// Whether an arch hook panicked during a slot change. A poisoned VM
+    /// refuses every further slot change with [`Error::Poisoned`] (`EIO`);
+    /// lookups, dirty logging and teardown keep working on the last
+    /// published state.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 
     /// The arch hooks.
@@ -151,7 +171,7 @@ impl<H: ArchHooks> Vm<H> {
     /// Metadata memory in use, measured from the live structures. Takes the
     /// writer lock: not from a thread inside a read section.
     pub fn memory_usage(&self) -> MemoryUsage {
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer();
         let mut u = MemoryUsage {
             fixed_bytes: core::mem::size_of::<Self>()
                 + self.spaces.len() * core::mem::size_of::<TwoSets<MemslotSet<H::SlotData>>>(),
