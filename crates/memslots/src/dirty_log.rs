@@ -74,7 +74,7 @@ impl<H: ArchHooks> Vm<H> {
         if args & !allowed != 0 {
             return Err(Error::InvalidCapArgs { args });
         }
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer();
         self.manual_protect.store(args, Ordering::Relaxed);
         Ok(())
     }
@@ -122,7 +122,7 @@ impl<H: ArchHooks> Vm<H> {
         if self.dirty_ring_bytes.load(Ordering::Acquire) == 0 {
             return Err(Error::BadRingSize { bytes: 0, why: "ring-with-bitmap needs dirty rings" });
         }
-        let _w = lock(&self.writer);
+        let _w = self.lock_writer();
         let empty = {
             let g = self.read();
             (0..self.config.nr_address_spaces).all(|a| g.is_empty(a))
@@ -137,17 +137,28 @@ impl<H: ArchHooks> Vm<H> {
     /// Walks every vCPU's ring from its harvest cursor, in order, calling `f`
     /// with the vCPU id and each dirty entry and marking it collected.
     /// Returns the number of entries collected.
+    ///
+    /// Harvests and resets are serialised by the writer lock (KVM's
+    /// `slots_lock`), so this must not be called inside a read section, and
+    /// `f` must not call the VM's writer functions.
     pub fn harvest_dirty_rings(&self, mut f: impl FnMut(u32, RingEntry)) -> usize {
-        let reg = lock(&self.vcpus);
-        reg.rings.iter().map(|r| r.harvest(|e| f(r.vcpu_id(), e))).sum()
+        let _w = self.lock_writer();
+        self.rings().iter().map(|r| r.harvest(|e| f(r.vcpu_id(), e))).sum()
     }
 
     /// `KVM_RESET_DIRTY_RINGS`: frees every collected entry of every ring, in
-    /// order; returns how many.
+    /// order; returns how many. Takes the writer lock, as KVM takes
+    /// `slots_lock`: not from inside a read section.
     pub fn reset_dirty_rings(&self) -> u64 {
-        let reg = lock(&self.vcpus);
-        let _w = lock(&self.writer);
-        reg.rings.iter().map(|r| r.reset()).sum()
+        let _w = self.lock_writer();
+        self.rings().iter().map(|r| r.reset()).sum()
+    }
+
+    /// The rings, copied out of the vCPU registry. The registry lock is a leaf
+    /// (taken inside read sections by `vm.vcpu()`), so it is never held while
+    /// waiting for anything or running a caller's code (DESIGN.md, lock order).
+    fn rings(&self) -> Vec<alloc::sync::Arc<DirtyRing>> {
+        lock(&self.vcpus).rings.clone()
     }
 
     /// Checks common to GET and CLEAR; runs `f` on the slot's bitmap.
@@ -188,7 +199,7 @@ impl<H: ArchHooks> Vm<H> {
     /// bit marked concurrently is lost: it is returned now or by the next
     /// call); with it, it copies and clears nothing. Returns the words written.
     pub fn get_dirty_log(&self, slot: u32, out: &mut [u64]) -> Result<usize, Error> {
-        let w = lock(&self.writer);
+        let w = self.lock_writer();
         let manual = self.manual_dirty_log_protect();
         self.with_bitmap(&w, slot, None, |b, _| {
             let need = b.len_words();
@@ -210,7 +221,7 @@ impl<H: ArchHooks> Vm<H> {
     /// semantics. A slot nobody marked since the last take costs O(1)
     /// (seed 004). Returns the number of dirty pages.
     pub fn harvest_dirty_log(&self, slot: u32, mut f: impl FnMut(usize, u64)) -> Result<u64, Error> {
-        let w = lock(&self.writer);
+        let w = self.lock_writer();
         let manual = self.manual_dirty_log_protect();
         self.with_bitmap(&w, slot, None, |b, _| {
             if manual {
@@ -224,7 +235,7 @@ impl<H: ArchHooks> Vm<H> {
     /// [`get_dirty_log`](Self::get_dirty_log) into a new vector.
     pub fn get_dirty_log_vec(&self, slot: u32) -> Result<Vec<u64>, Error> {
         let need = {
-            let w = lock(&self.writer);
+            let w = self.lock_writer();
             self.with_bitmap(&w, slot, None, |b, _| Ok(b.len_words()))?
         };
         let mut v = vec![0; need];
@@ -249,7 +260,7 @@ impl<H: ArchHooks> Vm<H> {
     /// `num_pages` too unless the range ends at the slot's end.
     /// Returns the number of bits cleared.
     pub fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u32, bitmap: &[u64]) -> Result<u64, Error> {
-        let w = lock(&self.writer);
+        let w = self.lock_writer();
         self.with_bitmap(&w, slot, Some(first_page), |b, npages| {
             let num = u64::from(num_pages);
             if first_page > npages || num > npages - first_page || (num < npages - first_page && num & 63 != 0) {
