@@ -86,67 +86,44 @@ extern crate std;
 
 mod sync;
 
-#[cfg(not(loom))]
 pub mod arch;
-#[cfg(not(loom))]
 pub mod config;
-#[cfg(not(loom))]
+#[cfg_attr(loom, allow(dead_code))]
 pub mod dirty;
-#[cfg(not(loom))]
 pub mod dirty_log;
 pub mod errno;
 pub mod error;
-#[cfg(not(loom))]
 mod gfn_index;
-#[cfg(not(loom))]
 #[allow(dead_code)]
 mod hva_tree;
-#[cfg(not(loom))]
 pub mod lookup;
-#[cfg(not(loom))]
 pub mod region;
-#[cfg(not(loom))]
+#[cfg_attr(loom, allow(dead_code))]
 pub mod ring;
-#[cfg(not(loom))]
 mod set;
-#[cfg(not(loom))]
 pub mod slot;
 #[cfg_attr(loom, allow(dead_code))]
 mod srcu;
-#[cfg(not(loom))]
 pub mod trace;
-#[cfg(not(loom))]
 mod update;
-#[cfg(not(loom))]
 pub mod vcpu;
-#[cfg(not(loom))]
 pub mod vm;
 
-#[cfg(not(loom))]
 pub use arch::{ArchHooks, NoArch, SlotDraft};
-#[cfg(not(loom))]
 pub use config::{Config, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE};
-#[cfg(not(loom))]
 pub use dirty::DirtyBitmap;
-#[cfg(not(loom))]
 pub use dirty_log::{KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 pub use errno::Errno;
 pub use error::{Error, HvaError, IllegalChange};
-#[cfg(not(loom))]
 pub use lookup::{GfnRange, ReadGuard, Reader};
-#[cfg(not(loom))]
 pub use region::{
     MemoryChange, Outcome, SlotId, UserMemoryRegion, UserMemoryRegion2, KVM_MEMSLOT_INVALID, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
-#[cfg(not(loom))]
 pub use ring::{DirtyMark, DirtyRing, RingEntry};
-#[cfg(not(loom))]
 pub use slot::{GuestMemfd, MemorySlot, SlotDesc};
 pub use srcu::GEN_UPDATE_IN_PROGRESS;
-#[cfg(not(loom))]
 pub use vcpu::{Vcpu, VcpuGuard};
-#[cfg(not(loom))]
 pub use vm::{MemoryUsage, Vm};
 
 /// The README's examples, compiled and run as doctests.

@@ -282,13 +282,19 @@ impl<T> TwoSets<T> {
     }
 
     /// The active set, borrowed for as long as the read section `guard` lives.
-    #[cfg(not(loom))]
     #[inline]
     pub(crate) fn active<'g>(&'g self, _guard: &'g SrcuGuard<'_>) -> &'g T {
         let idx = self.active.load(Ordering::Acquire);
+        #[cfg(not(loom))]
+        let p = self.cells[idx].get();
+        // Under loom the borrow outlives the cell's access tracking (loom
+        // checks the orderings, not this borrow; `with_active` is the tracked
+        // form used by the protocol model).
+        #[cfg(loom)]
+        let p = self.cells[idx].with(|p| p);
         // SAFETY: as in `with_active`: the set is not mutated until a grace
         // period that must wait for `_guard`, which outlives the borrow.
-        unsafe { &*self.cells[idx].get() }
+        unsafe { &*p }
     }
 
     /// Runs `f` on the inactive set with exclusive access.

@@ -8,7 +8,7 @@
 pub(crate) use loom::cell::UnsafeCell;
 #[cfg(loom)]
 #[allow(unused_imports)]
-pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,7 +16,7 @@ pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 pub(crate) use alloc::sync::Arc;
 #[cfg(not(loom))]
 #[allow(unused_imports)]
-pub(crate) use core::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 #[cfg(all(not(loom), feature = "std"))]
 pub(crate) use std::sync::{Mutex, MutexGuard};

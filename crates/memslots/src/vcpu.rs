@@ -57,7 +57,7 @@ pub struct Vcpu<'a, H: ArchHooks> {
     as_id: u16,
     cache: Cell<Cache<H::SlotData>>,
     id: u32,
-    pub(crate) ring: Option<Arc<crate::ring::DirtyRing>>,
+    pub(crate) ring: Option<alloc::sync::Arc<crate::ring::DirtyRing>>,
 }
 
 // SAFETY: the cached pointer is only dereferenced inside a read section after
@@ -82,8 +82,9 @@ impl<H: ArchHooks> Vm<H> {
         let bytes = u64::from(self.dirty_ring_bytes.load(core::sync::atomic::Ordering::Acquire));
         let ring = (bytes != 0).then(|| {
             let entries = u32::try_from(bytes / crate::ring::DIRTY_GFN_SIZE).unwrap_or(u32::MAX);
-            let ring = Arc::new(crate::ring::DirtyRing::new(entries, self.config.dirty_ring_rsvd_entries, id));
-            reg.rings.push(Arc::clone(&ring));
+            let ring =
+                alloc::sync::Arc::new(crate::ring::DirtyRing::new(entries, self.config.dirty_ring_rsvd_entries, id));
+            reg.rings.push(alloc::sync::Arc::clone(&ring));
             ring
         });
         drop(reg);
@@ -262,5 +263,53 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
             vcpu.cache.set(fresh);
         }
         Some(fresh)
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! The per-vCPU cache against publish, on the real `Vm` and `Vcpu`: a vCPU
+    //! that translates a gfn while the writer moves its slot never gets a
+    //! translation of the old mapping after it has seen the slot gone (no
+    //! stale, generation-validated cache hit), and once the MOVE has returned
+    //! it sees only the new mapping.
+    use crate::sync::{Arc, AtomicBool, Ordering};
+    use crate::{Config, HvaError, UserMemoryRegion, Vm};
+    use loom::thread;
+
+    #[test]
+    fn loom_vcpu_cache_vs_move() {
+        loom::model(|| {
+            let vm = Arc::new(Vm::new(Config::x86_64().with_address_spaces(1).with_user_slots(4)).unwrap());
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0, 0x10000, 0x10_0000)).unwrap();
+            let moved = Arc::new(AtomicBool::new(false));
+            let vcpu_thread = {
+                let (vm, moved) = (Arc::clone(&vm), Arc::clone(&moved));
+                thread::spawn(move || {
+                    let vcpu = vm.vcpu();
+                    let mut gone = false;
+                    for _ in 0..2 {
+                        match vcpu.gfn_to_hva(1) {
+                            Ok(hva) => {
+                                assert_eq!(hva, 0x10_1000);
+                                assert!(!gone, "old translation served after the slot was seen gone");
+                            }
+                            Err(e) => {
+                                assert!(matches!(e, HvaError::NoSlot | HvaError::Invalid));
+                                gone = true;
+                            }
+                        }
+                    }
+                    while !moved.load(Ordering::Acquire) {
+                        thread::yield_now();
+                    }
+                    assert_eq!(vcpu.gfn_to_hva(1), Err(HvaError::NoSlot), "stale cache after the MOVE returned");
+                    assert_eq!(vcpu.gfn_to_hva(0x101), Ok(0x10_1000));
+                })
+            };
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0x10_0000, 0x10000, 0x10_0000)).unwrap();
+            moved.store(true, Ordering::Release);
+            vcpu_thread.join().unwrap();
+        });
     }
 }
