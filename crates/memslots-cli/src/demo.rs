@@ -59,10 +59,12 @@ pub(crate) fn run() -> Result<()> {
     let k = 10u32;
     let gpa = Guest::data_gpa(k);
     let fresh = Mapping::new(4096)?;
-    fresh.write(0, &0x2222u16.to_le_bytes());
+    fresh.write(0, &0x2222u16.to_le_bytes())?;
     let g = Guest::new(&loop_program(seg(k)), &[], false, KernelDirtyMode::Bitmap)?;
+    // The Guest's VM maps only memory it owns: hand it `fresh` too.
+    g.vm.hooks().attach(&fresh)?;
     let off = usize::try_from(u64::from(k) * 4096)?;
-    g.data.write(off, &0x1111u16.to_le_bytes());
+    g.data.write(off, &0x1111u16.to_le_bytes())?;
     let Guest { vm, mut vcpu, data, .. } = g;
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel();
@@ -84,9 +86,10 @@ pub(crate) fn run() -> Result<()> {
         };
         step(&format!("slot {slot} at gpa {gpa:#x} holds 0x1111:"), 20, LoopEvent::Read(0x1111))?;
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 0, data.hva() + u64::from(k) * 4096))?;
-        let frozen = data.read_u16(off + 2);
+        let counter = || data.read_u16(off + 2).context("counter outside the data mapping");
+        let frozen = counter()?;
         step("deleted while running: MMIO exits", 20, LoopEvent::MmioRead(gpa))?;
-        println!("  {:<44} old memory's counter stayed at {frozen} (now {})", "", data.read_u16(off + 2));
+        println!("  {:<44} old memory's counter stayed at {frozen} (now {})", "", counter()?);
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 4096, fresh.hva()))?;
         step("recreated on new memory (0x2222):", 20, LoopEvent::Read(0x2222))?;
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, 0xE_0000, 4096, fresh.hva()))?;

@@ -5,30 +5,168 @@
 //! kernel only sees requests it accepts. The kernel ioctl runs in the arch
 //! prepare step: if the kernel still refuses, the library reinstalls the old
 //! state exactly and returns the kernel's errno.
+//!
+//! ## Soundness: who may let the kernel touch host memory
+//!
+//! `KVM_SET_USER_MEMORY_REGION` only records a host range; the kernel reads
+//! and writes it when a vCPU of the VM runs (the guest's accesses, and the
+//! kernel's own on the guest's behalf). [`Vm::set_user_memory_region`] is safe
+//! and takes any `userspace_addr`, so a backend VM comes in two kinds:
+//!
+//! - **Unrestricted** ([`new_kvm_vm`]): slots may name any host range (fake
+//!   addresses for differential testing and benchmarks), and there is no safe
+//!   way to create a vCPU: [`KvmHooks::create_vcpu`] refuses, and the raw
+//!   [`VmFd`] is only reachable through the `unsafe` [`KvmHooks::vm_fd`].
+//! - **Owned memory** ([`new_kvm_guest_vm`]): every slot's host range must lie
+//!   inside memory attached to the VM ([`KvmHooks::attach`], which keeps the
+//!   [`Mapping`] alive for as long as the kernel VM or any of its vCPUs can
+//!   use it, or the `unsafe` [`KvmHooks::allow_host_range`]); other slots are
+//!   refused with `EFAULT` before the kernel sees them. vCPUs come from
+//!   [`KvmHooks::create_vcpu`], a [`KvmVcpu`] that keeps the attached memory
+//!   alive, so a guest can only ever write memory the VM owns.
 
+use crate::guest::Mapping;
 use kvm_bindings::{kvm_userspace_memory_region, kvm_userspace_memory_region2};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memslots::{
     ArchHooks, Config, Errno, MemoryChange, MemorySlot, SlotDraft, Vm, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
 };
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// Flags userspace may pass to the kernel (internal bits stripped).
 const UAPI_FLAGS: u32 = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD;
 
+/// Host memory an owned-memory VM's slots may map: ranges, and the mappings
+/// that keep them valid. Shared (`Arc`) by the hooks and every [`KvmVcpu`],
+/// so nothing here is released while a vCPU could still run.
+#[derive(Debug, Default)]
+struct HostMem {
+    /// `[start, end)` host ranges slots may map.
+    ranges: Vec<(u64, u64)>,
+    /// Mappings owned for the life of the kernel VM.
+    owned: Vec<Arc<Mapping>>,
+}
+
+impl HostMem {
+    fn covers(&self, hva: u64, size: u64) -> bool {
+        let Some(end) = hva.checked_add(size) else { return false };
+        self.ranges.iter().any(|&(s, e)| s <= hva && end <= e)
+    }
+}
+
 /// Arch hooks that mirror slot changes into a kernel VM.
 #[derive(Debug)]
 pub struct KvmHooks {
+    // Field order: the kernel VM fd closes before the memory is released.
     vm: VmFd,
+    /// `None`: unrestricted (any host range, no safe vCPUs). `Some`: owned memory.
+    host: Option<Arc<RwLock<HostMem>>>,
+    /// Dirty ring size in bytes the VM was enabled with (0: none).
+    ring_bytes: AtomicU32,
     ioctls: AtomicU64,
     refusals: AtomicU64,
 }
 
 impl KvmHooks {
+    fn new(vm: VmFd, owned: bool) -> Self {
+        KvmHooks {
+            vm,
+            host: owned.then(Arc::default),
+            ring_bytes: AtomicU32::new(0),
+            ioctls: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+        }
+    }
+
     /// The kernel VM.
-    pub fn vm_fd(&self) -> &VmFd {
+    ///
+    /// # Safety
+    /// The `VmFd` can do what this crate keeps from safe code. The caller
+    /// must not use it (or anything derived from it, e.g. a vCPU created on
+    /// it) to let the kernel access host memory that is not valid for it:
+    /// while any vCPU of the VM runs, every slot of the VM — including those
+    /// created later through the safe [`Vm::set_user_memory_region`] by any
+    /// code holding the VM — must map memory that stays mapped, writable
+    /// (readable for `KVM_MEM_READONLY` slots) and unaliased by Rust
+    /// references for as long as the vCPU can run, which may outlive this
+    /// `KvmVm`. It must not enable the dirty ring or change slots behind the
+    /// library's back other than to the same host ranges.
+    ///
+    /// Safe code cannot reach it (it would create and run a vCPU over
+    /// whatever host addresses the VM's slots name):
+    ///
+    /// ```compile_fail
+    /// let vm = memslots_kvm::new_kvm_vm().unwrap();
+    /// let _vcpu = vm.hooks().vm_fd().create_vcpu(0); // error: call to unsafe function
+    /// ```
+    pub unsafe fn vm_fd(&self) -> &VmFd {
         &self.vm
+    }
+
+    /// The kernel VM, for this crate's own ioctls (none of which creates a
+    /// vCPU, changes a slot or accesses guest memory).
+    pub(crate) fn kernel_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Whether this VM only accepts slots over memory attached to it (and
+    /// so hands out vCPUs through [`create_vcpu`](Self::create_vcpu)).
+    pub fn owns_memory(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// Attaches `mapping` to an owned-memory VM: slots may then map any part
+    /// of it, and it stays mapped for as long as the kernel VM or any vCPU
+    /// of it exists. Fails with `InvalidInput` on an unrestricted VM.
+    pub fn attach(&self, mapping: &Arc<Mapping>) -> std::io::Result<()> {
+        let host = self.host.as_ref().ok_or_else(not_owned)?;
+        let mut h = host.write().unwrap_or_else(PoisonError::into_inner);
+        let start = mapping.hva();
+        let end = start.saturating_add(mapping.len() as u64);
+        h.ranges.push((start, end));
+        h.owned.push(Arc::clone(mapping));
+        Ok(())
+    }
+
+    /// Lets slots of an owned-memory VM map `[hva, hva + len)`, memory the
+    /// caller owns. Fails with `InvalidInput` on an unrestricted VM or if the
+    /// range wraps.
+    ///
+    /// # Safety
+    /// For as long as the kernel VM or any vCPU of it exists (a [`KvmVcpu`]
+    /// may outlive the `KvmVm`), the range must stay mapped and writable
+    /// (the guest may write any of it while a vCPU runs) and must not be
+    /// covered by Rust references or otherwise relied upon not to change.
+    pub unsafe fn allow_host_range(&self, hva: u64, len: u64) -> std::io::Result<()> {
+        let host = self.host.as_ref().ok_or_else(not_owned)?;
+        let end = hva.checked_add(len).ok_or(std::io::ErrorKind::InvalidInput)?;
+        host.write().unwrap_or_else(PoisonError::into_inner).ranges.push((hva, end));
+        Ok(())
+    }
+
+    /// Creates vCPU `id` on an owned-memory VM. Fails with `InvalidInput` on
+    /// an unrestricted VM (its slots may map anything); see the module docs.
+    pub fn create_vcpu(&self, id: u64) -> std::io::Result<KvmVcpu> {
+        let host = self.host.as_ref().ok_or_else(not_owned)?;
+        let fd = self.vm.create_vcpu(id).map_err(std::io::Error::from)?;
+        // Read after the vCPU exists: the kernel enables a ring only while
+        // no vCPU exists, and we record it after it succeeded, so a non-zero
+        // value here is the ring this vCPU has (0 may be conservative).
+        let ring_bytes = self.ring_bytes.load(Ordering::Acquire);
+        Ok(KvmVcpu { fd, ring_bytes, _host: Arc::clone(host) })
+    }
+
+    /// The dirty ring size the VM was enabled with through
+    /// [`enable_kernel_dirty_mode`](crate::kdirty::enable_kernel_dirty_mode)
+    /// (0: no ring).
+    pub fn dirty_ring_bytes(&self) -> u32 {
+        self.ring_bytes.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn record_ring(&self, bytes: u32) {
+        self.ring_bytes.store(bytes, Ordering::Release);
     }
 
     /// KVM_SET_USER_MEMORY_REGION(2) calls made so far.
@@ -39,6 +177,14 @@ impl KvmHooks {
     /// Requests the library accepted but the kernel refused (each rolled back).
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// Whether a slot may map `[hva, hva + size)`.
+    fn may_map(&self, hva: u64, size: u64) -> bool {
+        match &self.host {
+            None => true,
+            Some(h) => h.read().unwrap_or_else(PoisonError::into_inner).covers(hva, size),
+        }
     }
 
     fn set(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64, gmem: Option<(u32, u64)>) -> Result<(), Errno> {
@@ -52,9 +198,12 @@ impl KvmHooks {
                     memory_size: size,
                     userspace_addr: hva,
                 };
-                // SAFETY: `KvmVm::new`'s contract: every host range a slot is
-                // created with is memory the caller keeps valid while the slot
-                // exists in the kernel. Deletes pass size 0.
+                // SAFETY: the kernel only records the range here. It accesses
+                // it when a vCPU runs: an unrestricted VM has no vCPU but
+                // through the unsafe `vm_fd` (whose contract covers this
+                // slot); an owned-memory VM only gets here for ranges inside
+                // memory it keeps alive (`may_map`, checked in prepare).
+                // Deletes pass size 0.
                 unsafe { self.vm.set_user_memory_region(region) }
             }
             Some((fd, offset)) => {
@@ -68,7 +217,8 @@ impl KvmHooks {
                     guest_memfd: fd,
                     ..Default::default()
                 };
-                // SAFETY: as above; the guest_memfd is the caller's.
+                // SAFETY: as above; the guest_memfd is validated by the kernel
+                // (a guest_memfd of this VM) and is not host memory we use.
                 unsafe { self.vm.set_user_memory_region2(region) }
             }
         };
@@ -92,6 +242,9 @@ impl ArchHooks for KvmHooks {
             (MemoryChange::Delete, Some(old), _) => self.set(old.slot(), 0, 0, 0, old.userspace_addr, None),
             (_, _, Some(new)) => {
                 let d = &new.desc;
+                if !self.may_map(d.userspace_addr, d.npages << 12) {
+                    return Err(Errno::EFAULT);
+                }
                 let gmem = d.guest_memfd.map(|g| (g.fd, g.offset));
                 self.set(d.slot(), d.flags & UAPI_FLAGS, d.base_gfn << 12, d.npages << 12, d.userspace_addr, gmem)
             }
@@ -103,29 +256,84 @@ impl ArchHooks for KvmHooks {
 /// A library VM mirrored into a kernel VM.
 pub type KvmVm = Vm<KvmHooks>;
 
-/// Creates a kernel VM and a library VM over it, configured from the host
-/// (address spaces, slots, READONLY, highest gfn).
-///
-/// # Safety
-/// Every slot created through the returned VM maps its host range into the
-/// guest: the caller must keep each range valid, writable memory (readable for
-/// READONLY slots) for as long as the slot exists, and must not create vCPUs
-/// on the kernel VM that run while that is not so.
-pub unsafe fn new_kvm_vm() -> std::io::Result<KvmVm> {
+fn not_owned() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "an unrestricted KVM VM (new_kvm_vm) has no safe vCPUs or attached memory; use new_kvm_guest_vm",
+    )
+}
+
+fn kernel_vm() -> std::io::Result<(VmFd, Config)> {
     let kvm = Kvm::new().map_err(std::io::Error::from)?;
     let vm = kvm.create_vm().map_err(std::io::Error::from)?;
     let mut config = crate::host_config().unwrap_or_default();
     let nr_as = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE));
     config.nr_address_spaces = u16::try_from(nr_as.max(1)).unwrap_or(1);
-    // SAFETY: the caller upholds this function's contract, which is with_config's.
-    unsafe { with_config(vm, config) }
+    Ok((vm, config))
 }
 
-/// A library VM over an existing kernel VM `vm`, with `config`.
+fn library_vm(hooks: KvmHooks, config: Config) -> std::io::Result<KvmVm> {
+    Vm::with_hooks(config, hooks).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+/// Creates a kernel VM and an **unrestricted** library VM over it, configured
+/// from the host (address spaces, slots, READONLY, highest gfn).
+///
+/// Slots may name any host range: the kernel never accesses them, because
+/// such a VM gets no vCPU from safe code ([`KvmHooks::create_vcpu`] refuses;
+/// see the [module docs](self)).
+pub fn new_kvm_vm() -> std::io::Result<KvmVm> {
+    let (vm, config) = kernel_vm()?;
+    library_vm(KvmHooks::new(vm, false), config)
+}
+
+/// Creates a kernel VM and an **owned-memory** library VM over it: slots
+/// must map memory [attached](KvmHooks::attach) to it (others fail with
+/// `EFAULT`), and [`KvmHooks::create_vcpu`] gives vCPUs that can run.
+pub fn new_kvm_guest_vm() -> std::io::Result<KvmVm> {
+    let (vm, config) = kernel_vm()?;
+    library_vm(KvmHooks::new(vm, true), config)
+}
+
+/// An unrestricted library VM over an existing kernel VM `vm`, with `config`.
 ///
 /// # Safety
-/// As [`new_kvm_vm`].
+/// `vm` may already have vCPUs (or get them from wherever it came from): the
+/// caller takes on the contract of [`KvmHooks::vm_fd`] for `vm`.
 pub unsafe fn with_config(vm: VmFd, config: Config) -> std::io::Result<KvmVm> {
-    Vm::with_hooks(config, KvmHooks { vm, ioctls: AtomicU64::new(0), refusals: AtomicU64::new(0) })
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))
+    library_vm(KvmHooks::new(vm, false), config)
+}
+
+/// A vCPU of an owned-memory [`KvmVm`]: it keeps the VM's attached memory
+/// alive, so it may outlive the `KvmVm` and still only reach that memory.
+///
+/// `Deref`s to the [`VcpuFd`] for register access; running takes
+/// [`run`](Self::run) (there is deliberately no `DerefMut`: swapping the
+/// `VcpuFd` out would separate it from the memory it may write).
+#[derive(Debug)]
+pub struct KvmVcpu {
+    // Field order: the vCPU fd closes before the memory is released.
+    fd: VcpuFd,
+    ring_bytes: u32,
+    _host: Arc<RwLock<HostMem>>,
+}
+
+impl KvmVcpu {
+    /// `KVM_RUN`.
+    pub fn run(&mut self) -> Result<VcpuExit<'_>, vmm_sys_util::errno::Error> {
+        self.fd.run()
+    }
+
+    /// The dirty ring size (bytes) the VM had when this vCPU was created
+    /// through the library (0: no ring, or unknown).
+    pub fn dirty_ring_bytes(&self) -> u32 {
+        self.ring_bytes
+    }
+}
+
+impl std::ops::Deref for KvmVcpu {
+    type Target = VcpuFd;
+    fn deref(&self) -> &VcpuFd {
+        &self.fd
+    }
 }

@@ -2,9 +2,9 @@
 //! through the library, two hand-assembled programs, and a vCPU run loop.
 //! Used by `memslots demo` and the KVM integration tests.
 
-use crate::backend::{new_kvm_vm, KvmVm};
+use crate::backend::{new_kvm_guest_vm, KvmVcpu, KvmVm};
 use crate::kdirty::{enable_kernel_dirty_mode, KernelDirtyMode, KernelRing};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuExit;
 use memslots::{UserMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
 use std::sync::Arc;
 
@@ -57,18 +57,37 @@ impl Mapping {
     pub fn hva(&self) -> u64 {
         self.ptr as u64
     }
-    /// Copies `bytes` to offset `off` (panics outside the mapping).
-    pub fn write(&self, off: usize, bytes: &[u8]) {
-        assert!(off.checked_add(bytes.len()).is_some_and(|e| e <= self.len), "write outside the mapping");
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Always false: `mmap` refuses empty mappings.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether `[off, off + n)` lies inside the mapping (overflow-safe).
+    fn in_bounds(&self, off: usize, n: usize) -> bool {
+        off.checked_add(n).is_some_and(|end| end <= self.len)
+    }
+    /// Copies `bytes` to offset `off`; `InvalidInput` (copying nothing) if
+    /// the range is not inside the mapping.
+    pub fn write(&self, off: usize, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.in_bounds(off, bytes.len()) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "write outside the mapping"));
+        }
         // SAFETY: in bounds (checked); the guest may run concurrently, which
         // is a data race only on guest-visible bytes, as with any VMM.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) };
+        Ok(())
     }
     /// Reads the little-endian u16 at `off` (volatile: the guest writes it).
-    pub fn read_u16(&self, off: usize) -> u16 {
-        assert!(off % 2 == 0 && off + 2 <= self.len, "read outside the mapping");
-        // SAFETY: in bounds and aligned (checked).
-        unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u16>()) }
+    /// `None` if `off` is odd or the two bytes are not inside the mapping.
+    pub fn read_u16(&self, off: usize) -> Option<u16> {
+        if off % 2 != 0 || !self.in_bounds(off, 2) {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked; the mapping is page aligned).
+        Some(unsafe { std::ptr::read_volatile(self.ptr.add(off).cast::<u16>()) })
     }
 }
 
@@ -87,12 +106,20 @@ impl Drop for Mapping {
 /// # Safety
 /// Every slot of `vm` must map memory that is valid while the read section
 /// lasts (the `Guest` that created the slots guarantees this).
+/// `None` also for an odd `gpa` (a u16 there could be unaligned, or cross
+/// into the next page and out of the slot).
 pub unsafe fn read_guest_u16(vm: &KvmVm, gpa: u64) -> Option<u16> {
+    if gpa % 2 != 0 {
+        return None;
+    }
     let g = vm.read();
     let (hva, _) = g.gfn_to_hva_prot(0, gpa >> 12).ok()?;
+    let addr = hva.checked_add(gpa & 0xfff)?;
     // SAFETY: per the contract the slot's host range is mapped; the read
-    // section keeps the slot (and the caller keeps the mapping) alive.
-    Some(unsafe { std::ptr::read_volatile((hva + (gpa & 0xfff)) as *const u16) })
+    // section keeps the slot (and the caller keeps the mapping) alive. Both
+    // bytes are in the same (mapped) page, as `gpa` is even; the slot's hva
+    // is page aligned (the library checks it), so the read is aligned.
+    Some(unsafe { std::ptr::read_volatile(addr as *const u16) })
 }
 
 /// The "writer" program: for each segment in the zero-terminated table at
@@ -129,10 +156,11 @@ pub fn loop_program(seg: u16) -> Vec<u8> {
 /// through the library (KVM backend), and one vCPU in real mode at 0x1000.
 #[derive(Debug)]
 pub struct Guest {
-    /// The library VM mirrored into the kernel.
+    /// The library VM mirrored into the kernel; it owns `boot` and `data`
+    /// and refuses (`EFAULT`) slots over any other host memory.
     pub vm: KvmVm,
     /// The vCPU.
-    pub vcpu: VcpuFd,
+    pub vcpu: KvmVcpu,
     /// Host memory of the boot slot.
     pub boot: Arc<Mapping>,
     /// Host memory of the data slots (slot i at offset i * 4096).
@@ -147,12 +175,14 @@ impl Guest {
     pub fn new(code: &[u8], table: &[u16], log: bool, mode: KernelDirtyMode) -> std::io::Result<Self> {
         let boot = Mapping::new(usize::try_from(BOOT_SIZE).unwrap_or(0))?;
         let data = Mapping::new(usize::try_from(u64::from(DATA_SLOTS) * 4096).unwrap_or(0))?;
-        boot.write(0x1000, code);
+        boot.write(0x1000, code)?;
         let t: Vec<u8> = table.iter().chain([&0u16]).flat_map(|s| s.to_le_bytes()).collect();
-        boot.write(0x2000, &t);
-        // SAFETY: every slot created below maps `boot` or `data`, which the
-        // Guest owns and drops only after the VM and vCPU (field order).
-        let vm = unsafe { new_kvm_vm() }?;
+        boot.write(0x2000, &t)?;
+        // Owned memory: slots may only map `boot` and `data`, which the VM
+        // (and the vCPU) keep alive.
+        let vm = new_kvm_guest_vm()?;
+        vm.hooks().attach(&boot)?;
+        vm.hooks().attach(&data)?;
         enable_kernel_dirty_mode(&vm, mode).map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
         let io = |e: memslots::Error| std::io::Error::from_raw_os_error(e.errno().0);
         vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, BOOT_GPA, BOOT_SIZE, boot.hva())).map_err(io)?;
@@ -167,7 +197,7 @@ impl Guest {
             );
             vm.set_user_memory_region(&r).map_err(io)?;
         }
-        let vcpu = vm.hooks().vm_fd().create_vcpu(0).map_err(std::io::Error::from)?;
+        let vcpu = vm.hooks().create_vcpu(0)?;
         let mut sregs = vcpu.get_sregs().map_err(std::io::Error::from)?;
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
@@ -218,7 +248,7 @@ pub const MMIO_VALUE: u16 = 0xDEAD;
 
 /// Runs the loop program on `vcpu`, calling `f` for each event until it
 /// returns false.
-pub fn run_loop(vcpu: &mut VcpuFd, mut f: impl FnMut(LoopEvent) -> bool) -> std::io::Result<()> {
+pub fn run_loop(vcpu: &mut KvmVcpu, mut f: impl FnMut(LoopEvent) -> bool) -> std::io::Result<()> {
     loop {
         let ev = match vcpu.run().map_err(std::io::Error::from)? {
             VcpuExit::IoOut(REPORT_PORT, d) => {

@@ -5,10 +5,10 @@
 //! harvest through the library returns what the guest wrote (tracked by the
 //! kernel) together with what the VMM wrote through the library.
 
-use crate::backend::KvmVm;
+use crate::backend::{KvmVcpu, KvmVm};
 use crate::sys;
 use kvm_bindings::{kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_DIRTY_LOG_PAGE_OFFSET};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 use memslots::{DirtyMark, Errno};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,8 +25,10 @@ pub enum KernelDirtyMode {
 }
 
 /// Configures the kernel VM's dirty tracking (call before creating vCPUs).
+/// A ring's size is recorded in the VM ([`KvmHooks::dirty_ring_bytes`](crate::KvmHooks::dirty_ring_bytes))
+/// once the kernel accepted it, for [`KernelRing::map`] to check against.
 pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(), Errno> {
-    let fd = vm.hooks().vm_fd();
+    let fd = vm.hooks().kernel_fd();
     let cap = match mode {
         KernelDirtyMode::Bitmap => return Ok(()),
         KernelDirtyMode::ManualProtect => (kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1),
@@ -34,7 +36,11 @@ pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(),
     };
     let mut c = kvm_enable_cap { cap: cap.0, ..Default::default() };
     c.args[0] = cap.1;
-    fd.enable_cap(&c).map_err(|e| Errno(e.errno()))
+    fd.enable_cap(&c).map_err(|e| Errno(e.errno()))?;
+    if let KernelDirtyMode::Ring(bytes) = mode {
+        vm.hooks().record_ring(bytes);
+    }
+    Ok(())
 }
 
 /// Merges the kernel's dirty bitmap of `slot` (`npages` pages) into the
@@ -44,7 +50,7 @@ pub fn sync_dirty_log(vm: &KvmVm, slot: u32, mode: KernelDirtyMode) -> Result<u6
     let Some(npages) = vm.id_to_slot_desc(sid.as_id, sid.id).map(|d| d.npages) else {
         return Err(Errno::ENOENT);
     };
-    let fd: &VmFd = vm.hooks().vm_fd();
+    let fd: &VmFd = vm.hooks().kernel_fd();
     let size = usize::try_from(npages << 12).map_err(|_| Errno::EINVAL)?;
     let bitmap = fd.get_dirty_log(slot, size).map_err(|e| Errno(e.errno()))?;
     let mut merged = 0;
@@ -81,12 +87,27 @@ pub struct KernelRing {
 unsafe impl Send for KernelRing {}
 
 impl KernelRing {
-    /// Maps the ring of `vcpu` (rings of `bytes` bytes enabled on its VM).
-    pub fn map(vcpu: &VcpuFd, bytes: u32) -> std::io::Result<Self> {
+    /// Maps the ring of `vcpu`, whose VM has rings of `bytes` bytes.
+    ///
+    /// `bytes` must be the size the VM's ring was enabled with through
+    /// [`enable_kernel_dirty_mode`] before `vcpu` was created (a power of two,
+    /// at least a page, a multiple of the entry size): anything else is
+    /// refused with `InvalidInput`, as a mapping of another size would fault
+    /// (`SIGBUS`) or hold no entry.
+    pub fn map(vcpu: &KvmVcpu, bytes: u32) -> std::io::Result<Self> {
+        let entry = u32::try_from(std::mem::size_of::<kvm_dirty_gfn>()).unwrap_or(u32::MAX);
+        let page = 4096u32;
+        let enabled = vcpu.dirty_ring_bytes();
+        if enabled == 0 || bytes != enabled || !bytes.is_power_of_two() || bytes < page || bytes % entry != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("dirty ring of {bytes} bytes: the vCPU's ring is {enabled} bytes (0: none)"),
+            ));
+        }
         let len = usize::try_from(bytes).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let page = 4096i64;
-        // SAFETY: mapping the vCPU fd at the dirty-ring offset with the size
-        // the VM was configured with, as the KVM API documents; checked below.
+        // SAFETY: mapping the vCPU fd at the dirty-ring offset with exactly
+        // the size the VM's ring was enabled with (checked above), as the
+        // KVM API documents: every page of the mapping is a ring page.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -94,13 +115,13 @@ impl KernelRing {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 vcpu.as_raw_fd(),
-                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page,
+                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * i64::from(page),
             )
         };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(KernelRing { base: p.cast(), entries: bytes / 16, bytes: len, fetch: 0 })
+        Ok(KernelRing { base: p.cast(), entries: bytes / entry, bytes: len, fetch: 0 })
     }
 
     /// Collects dirty entries in order, marks them collected for the kernel,
@@ -108,6 +129,7 @@ impl KernelRing {
     pub fn harvest(&mut self, vm: &KvmVm) -> u64 {
         let mut n = 0;
         loop {
+            // `entries` >= 256: `map` checked the size.
             let i = usize::try_from(self.fetch % self.entries).unwrap_or(0);
             // SAFETY: i < entries; the mapping holds `entries` entries.
             let e = unsafe { self.base.add(i) };
@@ -142,5 +164,5 @@ impl Drop for KernelRing {
 
 /// `KVM_RESET_DIRTY_RINGS` on the backend's kernel VM.
 pub fn reset_kernel_rings(vm: &KvmVm) -> Result<u64, Errno> {
-    sys::reset_dirty_rings(vm.hooks().vm_fd()).map_err(|e| Errno(e.errno()))
+    sys::reset_dirty_rings(vm.hooks().kernel_fd()).map_err(|e| Errno(e.errno()))
 }

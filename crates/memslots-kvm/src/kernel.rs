@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 /// A fresh VM on /dev/kvm, with no vCPUs and no guest memory: slot requests
 /// are validated by the kernel exactly as for a real VMM (the kernel does not
-/// touch the host range at KVM_SET_USER_MEMORY_REGION time).
+/// touch the host range at KVM_SET_USER_MEMORY_REGION time). Safe code
+/// cannot create a vCPU on it ([`fd`](Self::fd) is `unsafe`), so slots at
+/// any host address are harmless.
 pub struct KernelVm {
     _kvm: Kvm,
     vm: VmFd,
@@ -46,7 +48,22 @@ impl KernelVm {
     }
 
     /// The VM fd.
-    pub fn fd(&self) -> &VmFd {
+    ///
+    /// `apply` is safe because this VM never lets the kernel touch the
+    /// (arbitrary) host ranges of its slots: it has no vCPU, and issues no
+    /// ioctl that reads or writes guest memory. The raw fd could break that.
+    ///
+    /// ```compile_fail
+    /// let k = memslots_kvm::KernelVm::new().unwrap();
+    /// let _vcpu = k.fd().create_vcpu(0); // error: call to unsafe function
+    /// ```
+    ///
+    /// # Safety
+    /// The caller must not use the fd to create a vCPU, or to issue any ioctl
+    /// that makes the kernel access guest memory, unless every slot the VM
+    /// has (and gets through [`apply`](Self::apply)) while that can happen
+    /// maps memory valid for that access and not aliased by Rust references.
+    pub unsafe fn fd(&self) -> &VmFd {
         &self.vm
     }
 

@@ -9,6 +9,6 @@ pub mod kdirty;
 pub mod kernel;
 pub mod sys;
 
-pub use backend::{new_kvm_vm, KvmHooks, KvmVm};
+pub use backend::{new_kvm_guest_vm, new_kvm_vm, KvmHooks, KvmVcpu, KvmVm};
 pub use host::{host_caps, host_config, host_phys_bits, kvm_available, probe_max_gfn, HostCaps};
 pub use kernel::KernelVm;

@@ -121,10 +121,12 @@ fn delete_and_move_under_a_running_vcpu() {
     let k = 10u32;
     let gpa = Guest::data_gpa(k);
     let off = usize::try_from(u64::from(k) * 4096).unwrap();
-    let fresh = Mapping::new(4096).unwrap(); // declared first: outlives the VM
-    fresh.write(0, &0x2222u16.to_le_bytes());
+    let fresh = Mapping::new(4096).unwrap();
+    fresh.write(0, &0x2222u16.to_le_bytes()).unwrap();
     let g = Guest::new(&loop_program(seg(k)), &[], false, KernelDirtyMode::Bitmap).expect("guest");
-    g.data.write(off, &0x1111u16.to_le_bytes());
+    // The Guest's VM maps only memory it owns: hand it `fresh` too.
+    g.vm.hooks().attach(&fresh).unwrap();
+    g.data.write(off, &0x1111u16.to_le_bytes()).unwrap();
     let Guest { vm, mut vcpu, data, boot, ring } = g;
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel();

@@ -255,13 +255,34 @@ impl GuestMemory {
     }
 
     /// Creates and maps a memfd of `size` bytes and registers the mapping.
+    /// The memfd is sealed against shrinking (see [`HostMemory::memfd`]).
     pub fn map_memfd(&self, name: &str, size: u64, opts: &MapOptions) -> Result<Arc<HostMemory>, Error> {
         Ok(self.register(HostMemory::memfd(name, size, opts)?))
     }
 
     /// Maps `size` bytes of `file` from `offset` and registers the mapping.
+    /// The file is sealed against shrinking; one that cannot be sealed is
+    /// refused (see [`HostMemory::from_file`]).
     pub fn map_file(&self, file: File, offset: u64, size: u64, opts: &MapOptions) -> Result<Arc<HostMemory>, Error> {
         Ok(self.register(HostMemory::from_file(file, offset, size, opts)?))
+    }
+
+    /// [`map_file`](Self::map_file) for a file that cannot be sealed.
+    ///
+    /// # Safety
+    /// As [`HostMemory::from_file_unsealed`]: while the mapping exists (which
+    /// may outlive this call and even this `GuestMemory`: slots and snapshots
+    /// hold it) the file is not truncated below `offset + size`, and a shared
+    /// mapping of a sparse file cannot run out of file-system space.
+    pub unsafe fn map_file_unsealed(
+        &self,
+        file: File,
+        offset: u64,
+        size: u64,
+        opts: &MapOptions,
+    ) -> Result<Arc<HostMemory>, Error> {
+        // SAFETY: the caller's contract is this function's.
+        Ok(self.register(unsafe { HostMemory::from_file_unsealed(file, offset, size, opts) }?))
     }
 
     /// Registers a mapping made elsewhere; slots created afterwards over its

@@ -15,6 +15,38 @@
 //! PROT_WRITE`): guest-facing write protection is the slot's
 //! `KVM_MEM_READONLY` flag. A read-only file can still back memory with
 //! [`Sharing::Private`] (copy-on-write).
+//!
+//! ## Files cannot shrink under a mapping
+//!
+//! An access to a page of a file mapping past the file's end raises `SIGBUS`,
+//! and [`HostMemory::file`] hands out the `File` (whose `set_len` is safe), as
+//! do [`fd`](HostMemory::fd) and vm-memory's `FileOffset`s. So every file a
+//! `HostMemory` maps through a safe constructor is sealed with
+//! `F_SEAL_SHRINK`: by any fd, in any process, truncation then fails with
+//! `EPERM`, for the rest of the file's life.
+//!
+//! - [`memfd`](HostMemory::memfd) seals the memfd it creates right after
+//!   sizing it, with `F_SEAL_SHRINK | F_SEAL_SEAL` (no further seals: a peer
+//!   given the fd cannot e.g. `F_SEAL_FUTURE_WRITE` it under the VMM's other
+//!   users). It may still grow (harmless).
+//! - [`from_file`](HostMemory::from_file) /
+//!   [`from_shared_file`](HostMemory::from_shared_file) accept a file that is
+//!   sealed against shrinking already or can be now (in practice a memfd
+//!   created with `MFD_ALLOW_SEALING`, on tmpfs or hugetlbfs, opened for
+//!   writing unless already sealed), add only `F_SEAL_SHRINK`, and refuse
+//!   anything else with [`MapError::Unsealable`]: regular files on disk,
+//!   tmpfs or hugetlbfs files opened by path, block devices, memfds without
+//!   `MFD_ALLOW_SEALING`.
+//! - For those, the `unsafe` [`from_file_unsealed`](HostMemory::from_file_unsealed)
+//!   / [`from_shared_file_unsealed`](HostMemory::from_shared_file_unsealed)
+//!   (and [`GuestMemory::map_file_unsealed`](crate::GuestMemory::map_file_unsealed))
+//!   map without sealing, and the caller promises that the file is not
+//!   truncated under the mapping.
+//!
+//! Seals are permanent; a safe constructor's seal stays even if mapping then
+//! fails. hugetlbfs pages are also never mapped with `MAP_NORESERVE`
+//! ([`MapError::HugeTlbNoReserve`]): a fault finding the pool empty would be
+//! a `SIGBUS` too.
 
 use std::fs::File;
 use std::io;
@@ -149,6 +181,24 @@ pub enum MapError {
     /// from their file system, not from mmap flags.
     #[error("MAP_HUGETLB applies to anonymous memory and memfds; hugetlbfs files are huge already")]
     HugeTlbOnFile,
+    /// A caller-supplied file is not sealed against shrinking and could not
+    /// be (`F_ADD_SEALS` with `F_SEAL_SHRINK` failed: `EINVAL` for a file
+    /// system without seals, e.g. a regular file on disk; `EPERM` for a memfd
+    /// without `MFD_ALLOW_SEALING`, a tmpfs/hugetlbfs file opened by path,
+    /// a file already `F_SEAL_SEAL`ed without `F_SEAL_SHRINK`, or an fd not
+    /// open for writing). Mapping it safely is impossible: a truncation would
+    /// make accesses `SIGBUS`. See [`HostMemory::from_file_unsealed`].
+    #[error("file cannot be sealed against shrinking (F_SEAL_SHRINK): {source}")]
+    Unsealable {
+        /// The `fcntl(F_ADD_SEALS)` error.
+        #[source]
+        source: io::Error,
+    },
+    /// hugetlbfs pages (anonymous, a memfd, or a hugetlbfs file) with
+    /// `MAP_NORESERVE`: a fault finding the huge page pool empty would raise
+    /// `SIGBUS`.
+    #[error("hugetlbfs pages need their reservation: MAP_NORESERVE would let a fault SIGBUS")]
+    HugeTlbNoReserve,
     /// The memfd name contains a NUL byte.
     #[error("memfd name contains a NUL byte")]
     BadName,
@@ -167,6 +217,60 @@ fn os(op: &'static str) -> MapError {
     MapError::Os { op, source: io::Error::last_os_error() }
 }
 
+/// The seals of `file` (`F_GET_SEALS`).
+fn seals(file: &File) -> io::Result<i32> {
+    // SAFETY: fcntl on an fd `file` keeps open; F_GET_SEALS takes no argument
+    // and touches no memory of ours.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Adds `seals` to `file` (`F_ADD_SEALS`).
+fn add_seals(file: &File, seals: i32) -> io::Result<()> {
+    // SAFETY: fcntl on an fd `file` keeps open; F_ADD_SEALS takes an int and
+    // touches no memory of ours.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes sure `file` is sealed against shrinking: already (`F_GET_SEALS`,
+/// e.g. a memfd its creator sealed and `F_SEAL_SEAL`ed, or one of ours, or
+/// a read-only fd of a sealed memfd), or by adding `F_SEAL_SHRINK` now.
+/// Fails with the `F_ADD_SEALS` error (`EINVAL`: the file system has no
+/// seals; `EPERM`: `F_SEAL_SEAL`ed without `F_SEAL_SHRINK`, a memfd made
+/// without `MFD_ALLOW_SEALING`, or an fd not open for writing).
+fn seal_shrink(file: &File) -> io::Result<()> {
+    if seals(file).is_ok_and(|s| s & libc::F_SEAL_SHRINK != 0) {
+        return Ok(());
+    }
+    add_seals(file, libc::F_SEAL_SHRINK)
+}
+
+/// Whether `file` is on hugetlbfs (`fstatfs`).
+fn on_hugetlbfs(file: &File) -> Result<bool, MapError> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is a writable `statfs` the call fills; the fd is open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(os("fstatfs"));
+    }
+    // SAFETY: fstatfs succeeded, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // `f_type`'s integer type differs between libcs; the magic fits in 32 bits.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::unnecessary_cast)]
+    let magic = st.f_type as u32;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::unnecessary_cast)]
+    let hugetlbfs = libc::HUGETLBFS_MAGIC as u32;
+    Ok(magic == hugetlbfs)
+}
+
 /// `MAP_HUGE_SHIFT` and `MFD_HUGE_SHIFT` (both 26 on Linux).
 const HUGE_SHIFT: u32 = 26;
 
@@ -178,6 +282,13 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// hands out `&[u8]`/`&mut [u8]` over it. Copies go through raw pointers
 /// (`read_at`/`write_at` here, the [`access`](crate::access) layer, or
 /// vm-memory's volatile slices).
+///
+/// No safe operation makes an access through it fault: a file it maps (its
+/// own memfd or the caller's) is sealed with `F_SEAL_SHRINK`, so
+/// [`file`](Self::file)`.set_len(0)` fails with `EPERM`, and files that
+/// cannot be sealed only map through the `unsafe`
+/// [`from_file_unsealed`](Self::from_file_unsealed), whose caller promises
+/// not to truncate them (see the [module docs](self)).
 pub struct HostMemory {
     addr: NonNull<u8>,
     len: usize,
@@ -231,6 +342,14 @@ fn check_size(size: u64, huge: HugePages) -> Result<usize, MapError> {
     }
 }
 
+/// hugetlbfs pages must keep their reservation (see [`MapError::HugeTlbNoReserve`]).
+fn check_reserve(opts: &MapOptions) -> Result<(), MapError> {
+    if opts.no_reserve && matches!(opts.huge_pages, HugePages::HugeTlb(_)) {
+        return Err(MapError::HugeTlbNoReserve);
+    }
+    Ok(())
+}
+
 /// `MAP_HUGE_*` / `MFD_HUGE_*` encoding of a page size: log2 << 26.
 fn huge_size_flag(page: u64) -> u32 {
     page.trailing_zeros() << HUGE_SHIFT
@@ -242,6 +361,7 @@ impl HostMemory {
     /// the page size encoded.
     pub fn anonymous(size: u64, opts: &MapOptions) -> Result<Self, MapError> {
         let len = check_size(size, opts.huge_pages)?;
+        check_reserve(opts)?;
         let shared = opts.sharing == Sharing::Shared;
         let mut flags = libc::MAP_ANONYMOUS | if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
         if let HugePages::HugeTlb(p) = opts.huge_pages {
@@ -255,13 +375,19 @@ impl HostMemory {
     /// memfd is created with `MFD_HUGETLB` and the page size. The fd is
     /// close-on-exec; [`fd`](Self::fd) exposes it (e.g. to send to a
     /// vhost-user backend, which maps it at [`file_offset`](Self::file_offset)).
+    /// The memfd is sealed with `F_SEAL_SHRINK | F_SEAL_SEAL` once sized, so
+    /// nobody holding the fd can truncate it under the mapping, nor add other
+    /// seals (see the [module docs](self)). It can still grow. To choose the
+    /// seals (e.g. add `F_SEAL_GROW`), create the memfd yourself with
+    /// `MFD_ALLOW_SEALING` and map it with [`from_file`](Self::from_file).
     pub fn memfd(name: &str, size: u64, opts: &MapOptions) -> Result<Self, MapError> {
         let len = check_size(size, opts.huge_pages)?;
+        check_reserve(opts)?;
         let cname = std::ffi::CString::new(name).map_err(|_| MapError::BadName)?;
         let mut mfd_flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
         if let HugePages::HugeTlb(p) = opts.huge_pages {
-            // hugetlbfs memfds do not support sealing.
-            mfd_flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | huge_size_flag(p);
+            // hugetlbfs memfds support sealing since Linux 4.16.
+            mfd_flags |= libc::MFD_HUGETLB | huge_size_flag(p);
         }
         // SAFETY: `cname` is a valid NUL-terminated string; the call has no
         // other memory effects.
@@ -273,6 +399,10 @@ impl HostMemory {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let file = File::from(fd);
         file.set_len(size).map_err(|source| MapError::Os { op: "ftruncate", source })?;
+        // Sized: no one may shrink it now, nor change its seals (so no peer
+        // given the fd can seal it against the writes its other users make).
+        add_seals(&file, libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL)
+            .map_err(|source| MapError::Os { op: "fcntl(F_ADD_SEALS)", source })?;
         let shared = opts.sharing != Sharing::Private;
         let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
         Self::map(len, flags, Some(Arc::new(file)), 0, opts, Backing::Memfd, shared)
@@ -280,15 +410,71 @@ impl HostMemory {
 
     /// Maps `size` bytes of `file` from `offset` (page aligned), shared unless
     /// [`Sharing::Private`]. A shared mapping needs the file opened read-write.
-    /// The file must be at least `offset + size` bytes long: accesses past its
-    /// end would fault (`SIGBUS`), so this is checked (`fstat`) when the file
-    /// is a regular file.
+    ///
+    /// The file must be sealed against shrinking, or sealable: this adds
+    /// `F_SEAL_SHRINK` (permanently, even if mapping then fails), so it can
+    /// never again be truncated under the mapping. Anything else (a regular
+    /// file on disk, a memfd created without `MFD_ALLOW_SEALING`, a file on a
+    /// hugetlbfs mount) is refused with [`MapError::Unsealable`]; see
+    /// [`from_file_unsealed`](Self::from_file_unsealed) and the
+    /// [module docs](self). The file must be at least `offset + size` bytes
+    /// long (checked with `fstat` after sealing).
+    ///
+    /// The file is consumed even when refused: to fall back to the unsealed
+    /// constructor, use [`from_shared_file`](Self::from_shared_file) and keep
+    /// a clone of the `Arc`.
     pub fn from_file(file: File, offset: u64, size: u64, opts: &MapOptions) -> Result<Self, MapError> {
         Self::from_shared_file(Arc::new(file), offset, size, opts)
     }
 
     /// [`from_file`](Self::from_file) with a file already shared (e.g. one file backing several mappings).
     pub fn from_shared_file(file: Arc<File>, offset: u64, size: u64, opts: &MapOptions) -> Result<Self, MapError> {
+        let len = Self::check_file_args(offset, size, opts)?;
+        seal_shrink(&file).map_err(|source| MapError::Unsealable { source })?;
+        // SAFETY: the file is sealed against shrinking, by any fd in any
+        // process, for the rest of its life: it stays `offset + size` long
+        // (checked in `map_file`) while mapped.
+        unsafe { Self::map_file(file, offset, size, len, opts) }
+    }
+
+    /// [`from_file`](Self::from_file) without the seal, for files that
+    /// cannot be sealed (regular files on disk, files on a hugetlbfs mount,
+    /// block devices, memfds without `MFD_ALLOW_SEALING`). The length is
+    /// still checked (`fstat`) for regular files, and hugetlbfs files are
+    /// still refused `MAP_NORESERVE`.
+    ///
+    /// # Safety
+    /// For as long as the returned mapping exists (it lives while any `Arc`
+    /// of it does: the [`GuestMemory`](crate::GuestMemory) registry, slots,
+    /// vm-memory snapshots — possibly longer than the caller's own handle),
+    /// no access to `[offset, offset + size)` of the file through the mapping
+    /// may fault: the file must not be truncated below `offset + size` bytes
+    /// (by this process, e.g. through [`file`](Self::file), or through any
+    /// other fd, or by any other process), and for a shared mapping of a
+    /// sparse file the file system must not run out of space for the range
+    /// (allocate it first, e.g. with `fallocate`). Otherwise accesses through
+    /// the safe API raise `SIGBUS`.
+    pub unsafe fn from_file_unsealed(file: File, offset: u64, size: u64, opts: &MapOptions) -> Result<Self, MapError> {
+        // SAFETY: the caller's contract is this function's.
+        unsafe { Self::from_shared_file_unsealed(Arc::new(file), offset, size, opts) }
+    }
+
+    /// [`from_file_unsealed`](Self::from_file_unsealed) with a file already shared.
+    ///
+    /// # Safety
+    /// As [`from_file_unsealed`](Self::from_file_unsealed).
+    pub unsafe fn from_shared_file_unsealed(
+        file: Arc<File>,
+        offset: u64,
+        size: u64,
+        opts: &MapOptions,
+    ) -> Result<Self, MapError> {
+        let len = Self::check_file_args(offset, size, opts)?;
+        // SAFETY: the caller keeps the file long enough (this function's contract).
+        unsafe { Self::map_file(file, offset, size, len, opts) }
+    }
+
+    fn check_file_args(offset: u64, size: u64, opts: &MapOptions) -> Result<usize, MapError> {
         if matches!(opts.huge_pages, HugePages::HugeTlb(_)) {
             return Err(MapError::HugeTlbOnFile);
         }
@@ -296,7 +482,22 @@ impl HostMemory {
         if offset % PAGE_SIZE != 0 || offset.checked_add(size).is_none_or(|e| i64::try_from(e).is_err()) {
             return Err(MapError::BadOffset { offset });
         }
+        Ok(len)
+    }
+
+    /// Maps a file whose arguments `check_file_args` accepted.
+    ///
+    /// # Safety
+    /// The file stays at least `offset + size` bytes long while the mapping exists.
+    unsafe fn map_file(
+        file: Arc<File>,
+        offset: u64,
+        size: u64,
+        len: usize,
+        opts: &MapOptions,
+    ) -> Result<Self, MapError> {
         let meta = file.metadata().map_err(|source| MapError::Os { op: "fstat", source })?;
+        // offset + size does not overflow: checked by `check_file_args`.
         if meta.is_file() && meta.len() < offset + size {
             return Err(MapError::Os {
                 op: "mmap",
@@ -305,6 +506,11 @@ impl HostMemory {
                     format!("file is {:#x} bytes, mapping needs {:#x}", meta.len(), offset + size),
                 ),
             });
+        }
+        // A hugetlbfs file (a hugetlb memfd, or a file on a hugetlbfs mount)
+        // mapped without its reservation faults SIGBUS once the pool is empty.
+        if opts.no_reserve && on_hugetlbfs(&file)? {
+            return Err(MapError::HugeTlbNoReserve);
         }
         let shared = opts.sharing != Sharing::Private;
         let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
@@ -397,7 +603,10 @@ impl HostMemory {
         self.file.as_deref().map(AsFd::as_fd)
     }
 
-    /// The memfd or file, shared.
+    /// The memfd or file, shared. Sealed against shrinking unless it came
+    /// through [`from_file_unsealed`](Self::from_file_unsealed) (then the
+    /// caller promised not to truncate it): `set_len` to a smaller size fails
+    /// with `EPERM` (growing it is allowed and harmless).
     pub fn file(&self) -> Option<&Arc<File>> {
         self.file.as_ref()
     }

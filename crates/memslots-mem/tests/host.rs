@@ -11,6 +11,17 @@ use memslots_mem::{Backing, GuestMemory, HostMemory, HugePages, MapError, MapOpt
 
 const PG: u64 = 4096;
 
+/// A memfd created with `MFD_ALLOW_SEALING`, `size` bytes long.
+fn sealable_memfd(size: u64) -> std::fs::File {
+    // SAFETY: a valid NUL-terminated name; no other memory effects.
+    let fd = unsafe { libc::memfd_create(c"host-test".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    f
+}
+
 #[test]
 fn anonymous_mapping_is_zeroed_and_bounded() {
     let m = HostMemory::anonymous(3 * PG, &MapOptions::new().populate(true)).unwrap();
@@ -40,8 +51,7 @@ fn bad_sizes_and_offsets() {
     assert!(matches!(HostMemory::anonymous(PG, &huge), Err(MapError::BadSize { .. })));
     assert!(matches!(HostMemory::anonymous(PG, &MapOptions::new().hugetlb(3000)), Err(MapError::BadHugePageSize(_))));
     assert!(matches!(HostMemory::memfd("a\0b", PG, &MapOptions::new()), Err(MapError::BadName)));
-    let f = tempfile::tempfile().unwrap();
-    f.set_len(4 * PG).unwrap();
+    let f = sealable_memfd(4 * PG);
     let f2 = f.try_clone().unwrap();
     assert!(matches!(HostMemory::from_file(f, 100, PG, &MapOptions::new()), Err(MapError::BadOffset { .. })));
     // A mapping past the end of the file would SIGBUS: refused.
@@ -76,7 +86,9 @@ fn memfd_exposes_a_shareable_fd() {
 #[test]
 fn file_backed_shared_and_private() {
     let mem = GuestMemory::new(Config::default()).unwrap();
-    let mut f = tempfile::tempfile().unwrap();
+    // A caller's memfd (the safe constructor needs a sealable file; disk
+    // files take the unsafe one, see tests/sealing.rs).
+    let mut f = sealable_memfd(0);
     f.write_all(&vec![0x5au8; 8 * PG as usize]).unwrap();
     let shared = mem.map_file(f.try_clone().unwrap(), 2 * PG, 4 * PG, &MapOptions::new()).unwrap();
     assert_eq!(shared.backing(), Backing::File);

@@ -17,10 +17,11 @@
 use super::{median, ns, ScenarioPoint};
 use anyhow::{Context, Result};
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::VcpuExit;
 use memslots::{Config, UserMemoryRegion, Vm};
 use memslots_kvm::guest::{loop_program, run_loop, writer_program, Guest, LoopEvent, Mapping, DATA_GPA, DATA_SLOTS};
 use memslots_kvm::kdirty::KernelDirtyMode;
+use memslots_kvm::KvmVcpu;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -89,10 +90,11 @@ fn move_scenario(budget: Duration, scenario: &'static str, backend: &'static str
                             memory_size: 4096,
                             userspace_addr: hva,
                         };
-                        // SAFETY: the same host range the slot already maps
-                        // (the Guest's data mapping, alive until `g` drops,
-                        // after the vCPU thread has ended); only the guest
-                        // address changes, and it is restored each iteration.
+                        // SAFETY: `vm_fd`'s contract: only this slot request is
+                        // made, with the same host range the slot already maps
+                        // (the Guest's data mapping, which its VM owns and the
+                        // vCPU keeps alive); only the guest address changes,
+                        // and it is restored each iteration.
                         unsafe { vm.hooks().vm_fd().set_user_memory_region(region) }
                             .context("KVM_SET_USER_MEMORY_REGION")?;
                     } else {
@@ -132,7 +134,7 @@ fn move_scenario(budget: Duration, scenario: &'static str, backend: &'static str
 
 /// Restarts the writer program at 0x1000 and runs it to HLT; returns the
 /// MMIO exits seen (accesses that found no slot).
-fn run_writer(vcpu: &mut VcpuFd) -> Result<u64> {
+fn run_writer(vcpu: &mut KvmVcpu) -> Result<u64> {
     let mut regs = vcpu.get_regs()?;
     regs.rip = 0x1000;
     regs.rflags = 2;
@@ -186,12 +188,12 @@ fn write_scenario(budget: Duration, scenario: &'static str) -> Result<ScenarioPo
         if scenario == "map" {
             for (lo, hi, other_lo, other_hi) in [(0, half, half, DATA_SLOTS), (half, DATA_SLOTS, 0, half)] {
                 unmap(other_lo, other_hi)?;
-                boot.write(0x2000, &table(lo, hi));
+                boot.write(0x2000, &table(lo, hi))?;
                 misses += run_writer(vcpu)?;
                 accesses += u64::from(hi - lo);
             }
         } else {
-            boot.write(0x2000, &table(0, DATA_SLOTS));
+            boot.write(0x2000, &table(0, DATA_SLOTS))?;
             misses += run_writer(vcpu)?;
             accesses += u64::from(DATA_SLOTS);
             for i in 0..DATA_SLOTS {
@@ -256,9 +258,8 @@ fn setup(n: u32) -> Result<Vec<ScenarioPoint>> {
     out.push(point("library", ns(t.elapsed()) / 1e6));
     drop(vm);
 
-    // SAFETY: every slot maps a page of `mapping`, which outlives this VM
-    // (dropped at the end of the block); no vCPU is created.
-    let kvm_vm = unsafe { memslots_kvm::new_kvm_vm() }.context("creating a KVM VM")?;
+    // Unrestricted: no vCPU can be created on it (the slots map `mapping` anyway).
+    let kvm_vm = memslots_kvm::new_kvm_vm().context("creating a KVM VM")?;
     let t = Instant::now();
     for i in 0..n {
         kvm_vm.set_user_memory_region(&region(i))?;
