@@ -391,16 +391,19 @@ fn stress_bitmaps(manual: bool) {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "a timed stress test: too slow under Miri")]
 fn no_write_lost_with_get_dirty_log() {
     stress_bitmaps(false);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "a timed stress test: too slow under Miri")]
 fn no_write_lost_with_manual_protect_and_clear() {
     stress_bitmaps(true);
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "a timed stress test: too slow under Miri")]
 fn no_write_lost_with_dirty_rings() {
     let vm = Vm::new(Config::x86_64().with_address_spaces(1)).unwrap();
     vm.enable_dirty_log_ring(4096).unwrap();

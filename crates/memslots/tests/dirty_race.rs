@@ -202,7 +202,13 @@ fn run(path: Path) -> Tally {
     tally
 }
 
+/// One path at a time: plain `cargo test` runs a binary's tests in parallel,
+/// and two races on two CPUs would hide each other's window (nextest runs
+/// this binary alone, see `.config/nextest.toml`).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn check(path: Path) {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let t = run(path);
     eprintln!(
         "{path:?}: {} rounds, harvester late {} / early {}, lost writes {}",
