@@ -57,7 +57,7 @@ struct ReplayArgs {
     /// that VM, and print both verdicts where they differ; exit 1 on any divergence.
     #[arg(long)]
     kvm: bool,
-    /// With --kvm, replay even a trace whose largest slot would make this host's KVM allocate
+    /// With --kvm, replay even a trace whose slots would make this host's KVM allocate
     /// more metadata than the host can spare (MemAvailable less 4 GiB); the kernel then risks
     /// waking the OOM killer.
     #[arg(long, requires = "kvm")]
@@ -221,12 +221,14 @@ fn library_config(args: &ReplayArgs, t: &LoadedTrace, kernel: Option<&Config>, m
 }
 
 /// Reports progress on stderr while `done` moves through `ops`: first after
-/// 2 s, then every 5 s, until `stop` is dropped.
+/// 2 s, then every 5 s, until `stop`'s sender is dropped. The environment
+/// variable `MEMSLOTS_PROGRESS_MS` sets both intervals (for the tests).
 fn progress(path: &Path, ops: &[(usize, Op)], done: &AtomicUsize, stop: &mpsc::Receiver<()>) {
     let began = Instant::now();
-    let mut wait = Duration::from_secs(2);
+    let every = std::env::var("MEMSLOTS_PROGRESS_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+    let mut wait = every.unwrap_or(Duration::from_secs(2));
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
-        wait = Duration::from_secs(5);
+        wait = every.unwrap_or(Duration::from_secs(5));
         let i = done.load(Ordering::Relaxed);
         let current = ops.get(i).map_or_else(String::new, |(line, op)| format!(", now at line {line}: {op}"));
         eprintln!(

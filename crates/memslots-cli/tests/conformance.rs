@@ -158,6 +158,32 @@ fn kvm_replay_agrees_with_the_kernel_on_every_shipped_trace() {
 }
 
 #[test]
+fn long_runs_report_progress_on_stderr() {
+    // A long trace, and progress every millisecond instead of after 2 s.
+    let dir = std::env::temp_dir().join(format!("memslots-progress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = dir.join("long.trace");
+    let mut text = String::from("# config: address-spaces=1\n");
+    for i in 0..200_000u32 {
+        let slot = i % 512;
+        let size = if i % 1024 < 512 { 0x1000 } else { 0 };
+        text.push_str(&format!("set {slot} 0 {:#x} {size:#x} 0x10000000\n", u64::from(slot) * 0x1000));
+    }
+    std::fs::write(&t, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_memslots"))
+        .arg("replay")
+        .arg(&t)
+        .env("MEMSLOTS_PROGRESS_MS", "1")
+        .output()
+        .expect("run memslots replay");
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("long.trace: ") && err.contains("/200000 operations after "), "no progress: {err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 200_000);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn unreadable_input_exits_nonzero_with_file_and_line() {
     let dir = std::env::temp_dir().join(format!("memslots-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
