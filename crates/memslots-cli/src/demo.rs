@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use memslots::UserMemoryRegion;
 use memslots_kvm::guest::{
     loop_program, read_guest_u16, run_loop, writer_program, Guest, LoopEvent, Mapping, DATA_SLOTS, DATA_SLOT_BASE,
+    MMIO_VALUE,
 };
 use memslots_kvm::kdirty::{sync_dirty_log, KernelDirtyMode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,13 +50,20 @@ pub(crate) fn run() -> Result<()> {
         }
     }
     let want: Vec<u64> = written.iter().map(|&i| Guest::data_gpa(i) >> 12).collect();
+    let gfns: Vec<String> = dirty.iter().map(|g| format!("{g:#x}")).collect();
     println!(
-        "  dirty gfns harvested (kernel log merged into the library's bitmaps): {dirty:x?} -> {}",
-        if dirty == want { "exactly the pages written" } else { "MISMATCH" }
+        "  dirty pages harvested (the kernel's dirty log merged into the library's bitmaps): gfns {} -> {}",
+        gfns.join(", "),
+        if dirty == want { "exactly the pages written" } else { "NOT the pages written" }
     );
     drop(g);
 
     println!("phase 2: the guest loops reading gpa X, reporting it on port 0x10, incrementing X+2");
+    println!(
+        "  Each step counts the vCPU's exits until it has seen the expected one 20 times; exits the vCPU made \
+before a change took effect count too. A read or write that finds no slot exits to the host as MMIO; the host \
+answers MMIO reads with {MMIO_VALUE:#06x}, which the guest then reports."
+    );
     let k = 10u32;
     let gpa = Guest::data_gpa(k);
     let fresh = Mapping::new(4096)?;
@@ -74,33 +82,57 @@ pub(crate) fn run() -> Result<()> {
         let runner = s.spawn(move || run_loop(&mut vcpu, |ev| tx.send(ev).is_ok() && !stop.load(Ordering::SeqCst)));
         let step = |label: &str, n: usize, want: LoopEvent| -> Result<()> {
             let (mut hits, mut total) = (0, 0);
-            let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+            // (what, how many), in the order first seen.
+            let mut kinds: Vec<(String, usize)> = Vec::new();
             while hits < n {
                 let ev = rx.recv_timeout(Duration::from_secs(10)).context("the vCPU stopped reporting")?;
-                *kinds.entry(format!("{ev:x?}")).or_default() += 1;
+                let what = describe(ev);
+                match kinds.iter_mut().find(|(w, _)| *w == what) {
+                    Some((_, count)) => *count += 1,
+                    None => kinds.push((what, 1)),
+                }
                 total += 1;
                 hits += usize::from(ev == want);
             }
-            println!("  {label:<44} vCPU saw: {kinds:?} ({total} exits)");
+            println!("  {label} ({total} vCPU exits):");
+            for (what, count) in &kinds {
+                println!("  {count:>8} x {what}");
+            }
             Ok(())
         };
-        step(&format!("slot {slot} at gpa {gpa:#x} holds 0x1111:"), 20, LoopEvent::Read(0x1111))?;
+        step(&format!("slot {slot} at gpa {gpa:#x} holds 0x1111"), 20, LoopEvent::Read(0x1111))?;
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 0, data.hva() + u64::from(k) * 4096))?;
         let counter = || data.read_u16(off + 2).context("counter outside the data mapping");
         let frozen = counter()?;
-        step("deleted while running: MMIO exits", 20, LoopEvent::MmioRead(gpa))?;
-        println!("  {:<44} old memory's counter stayed at {frozen} (now {})", "", counter()?);
+        step(&format!("slot {slot} deleted while the vCPU runs"), 20, LoopEvent::MmioRead(gpa))?;
+        println!("  the old memory's counter stayed at {frozen} (now {}): the guest no longer reaches it", counter()?);
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 4096, fresh.hva()))?;
-        step("recreated on new memory (0x2222):", 20, LoopEvent::Read(0x2222))?;
+        step("recreated on new memory holding 0x2222", 20, LoopEvent::Read(0x2222))?;
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, 0xE_0000, 4096, fresh.hva()))?;
-        step("moved to 0xe0000: MMIO at the old range", 20, LoopEvent::MmioRead(gpa))?;
+        step("moved to gpa 0xe0000 (the old range now exits as MMIO)", 20, LoopEvent::MmioRead(gpa))?;
         vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 4096, fresh.hva()))?;
-        step("moved back: the new mapping again", 20, LoopEvent::Read(0x2222))?;
+        step(&format!("moved back to gpa {gpa:#x} (the new memory again)"), 20, LoopEvent::Read(0x2222))?;
         stop.store(true, Ordering::SeqCst);
         drop(rx);
         runner.join().map_err(|_| anyhow::anyhow!("vCPU thread panicked"))??;
         Ok(())
     })?;
-    println!("demo finished: generation of address space 0 is {:?}", vm.generation(0));
+    match vm.generation(0) {
+        Some(g) => println!(
+            "demo finished: address space 0 is at generation {g} (each slot change publishes a new memslot set and \
+moves the generation on; vCPU caches tagged with an older one are refilled)"
+        ),
+        None => println!("demo finished"),
+    }
     Ok(())
+}
+
+/// A vCPU event in words.
+fn describe(ev: LoopEvent) -> String {
+    match ev {
+        LoopEvent::Read(MMIO_VALUE) => format!("reported {MMIO_VALUE:#06x} (the host's answer to its MMIO read)"),
+        LoopEvent::Read(v) => format!("read {v:#06x} from its page and reported it"),
+        LoopEvent::MmioRead(a) => format!("read of {a:#x} found no slot: MMIO exit"),
+        LoopEvent::MmioWrite(a) => format!("write to {a:#x} found no slot: MMIO exit"),
+    }
 }

@@ -149,7 +149,16 @@ fn perf_tiny_writes_tables_json_and_svg() {
     for scenario in ["map", "unmap", "unmap-chunked", "move-active", "move-inactive", "rw"] {
         assert!(stdout.contains(&format!(" {scenario} ")), "missing scenario {scenario} in:\n{stdout}");
     }
+    // The terms are explained, or pointed to.
+    assert!(stdout.contains("Terms: lookup_held = "), "no glossary in:\n{stdout}");
+    assert!(stdout.contains("crates/memslots-cli/src/perf/README.md"), "no pointer to the README in:\n{stdout}");
+    assert!(stdout.contains("iter min–max"), "no spread of the scenarios in:\n{stdout}");
     let kvm = std::path::Path::new("/dev/kvm").exists();
+    if kvm {
+        // A spread beside the KVM figures.
+        assert!(stdout.contains("kvm min–max"), "no spread beside the kvm figures in:\n{stdout}");
+        assert!(stdout.lines().any(|l| l.starts_with("create ") && l.contains('–')), "no kvm range in:\n{stdout}");
+    }
     if !kvm {
         assert!(stdout.contains("skipped: kvm: /dev/kvm not available"), "no skip note in:\n{stdout}");
     }
@@ -166,9 +175,12 @@ fn perf_tiny_writes_tables_json_and_svg() {
     let micro = v["micro"].as_array().expect("micro array");
     assert!(!micro.is_empty());
     for p in micro {
-        for field in ["metric", "implementation", "slots", "median_ns", "samples"] {
+        for field in ["metric", "implementation", "slots", "median_ns", "min_ns", "max_ns", "samples"] {
             assert!(!p[field].is_null(), "micro point without {field}: {p}");
         }
+        let (lo, mid, hi) =
+            (p["min_ns"].as_f64().unwrap(), p["median_ns"].as_f64().unwrap(), p["max_ns"].as_f64().unwrap());
+        assert!(lo <= mid && mid <= hi, "min <= median <= max: {p}");
         assert!(p["median_ns"].as_f64().is_some_and(|x| x > 0.0), "non-positive time: {p}");
     }
     for (metric, imp) in [("lookup_random", "memslots"), ("lookup_random", "vm-memory"), ("move", "vm-memory")] {
@@ -189,6 +201,8 @@ fn perf_tiny_writes_tables_json_and_svg() {
             "iterations",
             "iter_median_us",
             "iter_mean_us",
+            "iter_min_us",
+            "iter_max_us",
             "vcpu_accesses",
             "vcpu_misses",
         ] {
@@ -202,7 +216,7 @@ fn perf_tiny_writes_tables_json_and_svg() {
     let kvm = memslots_kvm::kvm_available();
     assert_eq!(targets.len(), if kvm { 16 } else { 15 }, "{targets:?}");
     for t in targets {
-        for field in ["name", "slots", "goal_ns", "memslots_ns", "met", "peers"] {
+        for field in ["name", "slots", "goal_ns", "memslots_ns", "met", "peers", "peer_ranges"] {
             assert!(t.get(field).is_some(), "target without {field}: {t}");
         }
     }

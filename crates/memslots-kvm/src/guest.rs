@@ -139,7 +139,7 @@ pub fn writer_program() -> Vec<u8> {
     ]
 }
 
-/// The "loop" program: `es = seg`; forever { ax = [es:0]; out REPORT_PORT, ax; inc word [es:2] }.
+/// The "loop" program: `es = seg; forever { ax = [es:0]; out REPORT_PORT, ax; inc word [es:2] }`.
 pub fn loop_program(seg: u16) -> Vec<u8> {
     let [lo, hi] = seg.to_le_bytes();
     vec![

@@ -8,7 +8,7 @@ pub fn kvm_available() -> bool {
     Kvm::new().is_ok()
 }
 
-/// The host's physical address bits (CPUID 0x8000_0008 EAX[7:0]), which bound
+/// The host's physical address bits (CPUID 0x8000_0008, bits 7:0 of EAX), which bound
 /// x86 KVM's highest mappable gfn. `None` off x86-64.
 pub fn host_phys_bits() -> Option<u32> {
     #[cfg(target_arch = "x86_64")]
@@ -50,6 +50,27 @@ pub fn probe_max_gfn() -> Option<u64> {
         }
     }
     None
+}
+
+/// Bytes of metadata per 4 KiB guest page that this host's x86 KVM allocates
+/// when a slot is created (`kvm_arch_prepare_memory_region`): 8 for the
+/// rmap (`memslot_rmap_alloc`) unless the TDP MMU is in use (it allocates rmaps
+/// only once a shadow page exists), and 2 more for the write-tracking array
+/// (`kvm_page_track_create_memslot`) under shadow paging. Shadow paging shows
+/// as a highest gfn of 52 bits ([`probe_max_gfn`]) on a CPU with fewer
+/// physical address bits. The large-page arrays (a few bytes per 2 MiB) are
+/// left out. Where unsure, the upper bound (10).
+pub fn slot_metadata_bytes_per_page() -> u64 {
+    let tdp_mmu = std::fs::read_to_string("/sys/module/kvm/parameters/tdp_mmu").is_ok_and(|s| s.trim() == "Y");
+    let shadow_paging = match (probe_max_gfn(), host_phys_bits()) {
+        (Some(max_gfn), Some(bits)) => bits < 52 && max_gfn == Config::max_gfn_for_phys_bits(52),
+        _ => true,
+    };
+    match (tdp_mmu && !shadow_paging, shadow_paging) {
+        (true, _) => 0,
+        (false, false) => 8,
+        (false, true) => 10,
+    }
 }
 
 /// The memslot configuration a default VM on this host has: address spaces

@@ -5,7 +5,7 @@ use crate::sys;
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
 use kvm_ioctls::{Kvm, VmFd};
 use memslots::trace::{Op, Verdict};
-use memslots::Errno;
+use memslots::{Config, Errno};
 use std::collections::HashMap;
 
 /// A fresh VM on /dev/kvm, with no vCPUs and no guest memory: slot requests
@@ -45,6 +45,26 @@ impl KernelVm {
     pub fn nr_address_spaces(&self) -> u16 {
         let n = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_MULTI_ADDRESS_SPACE));
         u16::try_from(n.max(1)).unwrap_or(1)
+    }
+
+    /// The user slots per address space of this VM (`KVM_CAP_NR_MEMSLOTS` on the VM fd).
+    pub fn nr_memslots(&self) -> u16 {
+        let n = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_NR_MEMSLOTS));
+        u16::try_from(n).ok().filter(|&n| n > 0).unwrap_or(memslots::KVM_USER_MEM_SLOTS)
+    }
+
+    /// The library configuration that matches this VM: its address spaces,
+    /// user slots, `KVM_CAP_READONLY_MEM`, and the host's highest gfn
+    /// ([`crate::probe_max_gfn`], else the CPU's physical address bits).
+    pub fn config(&self) -> Config {
+        let mut c = Config::x86_64().with_address_spaces(self.nr_address_spaces()).with_user_slots(self.nr_memslots());
+        c.readonly_mem = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_READONLY_MEM)) > 0;
+        if let Some(max_gfn) = crate::probe_max_gfn() {
+            c.max_gfn = max_gfn;
+        } else if let Some(bits) = crate::host_phys_bits() {
+            c.max_gfn = Config::max_gfn_for_phys_bits(bits);
+        }
+        c
     }
 
     /// The VM fd.

@@ -10,5 +10,7 @@ pub mod kernel;
 pub mod sys;
 
 pub use backend::{new_kvm_guest_vm, new_kvm_vm, KvmHooks, KvmVcpu, KvmVm};
-pub use host::{host_caps, host_config, host_phys_bits, kvm_available, probe_max_gfn, HostCaps};
+pub use host::{
+    host_caps, host_config, host_phys_bits, kvm_available, probe_max_gfn, slot_metadata_bytes_per_page, HostCaps,
+};
 pub use kernel::KernelVm;

@@ -1,11 +1,20 @@
-//! Operation traces (the format of `shared/conformance/README.md`), replay
-//! onto a [`Vm`], and a random trace generator for differential testing.
+//! Operation traces (the format of `crates/memslots-cli/tests/conformance/README.md`),
+//! replay onto a [`Vm`], and a random trace generator for differential testing.
 //!
 //! ```text
 //! set SLOT FLAGS GPA SIZE HVA          KVM_SET_USER_MEMORY_REGION
 //! get_dirty_log SLOT                   KVM_GET_DIRTY_LOG
 //! clear_dirty_log SLOT FIRST NUM       KVM_CLEAR_DIRTY_LOG, all-zero bitmap
 //! enable_manual_protect [ARGS]         KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2), ARGS default 1
+//! ```
+//!
+//! ## Configuration header
+//!
+//! A trace may say which VM it was recorded on, in comment lines before its
+//! first operation (see [`parse_header`]):
+//!
+//! ```text
+//! # config: address-spaces=1 user-slots=32764
 //! ```
 //!
 //! ## Numbers at or above 2^63
@@ -21,6 +30,7 @@
 //! recording; [`NumberSyntax::Exact`] takes the literal `u64`.
 
 use crate::arch::ArchHooks;
+use crate::config::{Config, KVM_USER_MEM_SLOTS};
 use crate::errno::Errno;
 use crate::region::UserMemoryRegion;
 use crate::vm::Vm;
@@ -212,6 +222,74 @@ pub fn parse_with(text: &str, syntax: NumberSyntax) -> Result<Vec<(usize, Op)>, 
         }
     }
     Ok(ops)
+}
+
+/// The VM a trace was recorded on, from its `# config:` header lines: each
+/// field is `None` where the header does not say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// `address-spaces=N` (1..=64): the VM's address spaces.
+    pub address_spaces: Option<u16>,
+    /// `user-slots=N` (1..=32764): user slots per address space (`KVM_CAP_NR_MEMSLOTS`).
+    pub user_slots: Option<u16>,
+}
+
+impl TraceConfig {
+    /// `config` with the fields this header gives replaced.
+    #[must_use]
+    pub fn apply_to(&self, mut config: Config) -> Config {
+        if let Some(n) = self.address_spaces {
+            config = config.with_address_spaces(n);
+        }
+        if let Some(n) = self.user_slots {
+            config = config.with_user_slots(n);
+        }
+        config
+    }
+}
+
+/// Reads the configuration header of a trace: comment lines
+/// `# config: KEY=VALUE ...` before the first operation, with the keys
+/// `address-spaces` (1..=64) and `user-slots` (1..=32764). Other comments are
+/// ignored; an unknown key, a bad or out-of-range value, a key given twice or
+/// a `# config:` line after the first operation is an error.
+pub fn parse_header(text: &str) -> Result<TraceConfig, ParseError> {
+    let mut config = TraceConfig::default();
+    let mut seen_op = false;
+    for (i, line) in text.lines().enumerate() {
+        let err = |message: String| ParseError { line: i + 1, message };
+        let line = line.trim();
+        let Some(comment) = line.strip_prefix('#') else {
+            seen_op |= !line.is_empty();
+            continue;
+        };
+        let Some(pairs) = comment.trim_start().strip_prefix("config:") else { continue };
+        if seen_op {
+            return Err(err("a `# config:` header must come before the first operation".into()));
+        }
+        for pair in pairs.split_whitespace() {
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| err(alloc::format!("expected KEY=VALUE, found {pair:?}")))?;
+            let (field, max) = match key {
+                "address-spaces" => (&mut config.address_spaces, 64),
+                "user-slots" => (&mut config.user_slots, KVM_USER_MEM_SLOTS),
+                _ => {
+                    return Err(err(alloc::format!(
+                        "unknown configuration key {key:?} (known: address-spaces, user-slots)"
+                    )))
+                }
+            };
+            let n = value
+                .parse::<u16>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| err(alloc::format!("{key} must be a number in 1..={max}, not {value:?}")))?;
+            if field.replace(n).is_some() {
+                return Err(err(alloc::format!("{key} is given twice")));
+            }
+        }
+    }
+    Ok(config)
 }
 
 /// Applies `op` to `vm` and returns the verdict KVM would give.
@@ -409,6 +487,42 @@ impl Generator {
             6 => 3,
             7..=11 => 1,
             _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_gives_address_spaces_and_user_slots() {
+        let text = "# recorded on a host without SMM\n# config: address-spaces=1 user-slots=32764\n\nset 0 0 0 0 0\n";
+        let h = parse_header(text).unwrap();
+        assert_eq!(h, TraceConfig { address_spaces: Some(1), user_slots: Some(32764) });
+        let c = h.apply_to(Config::x86_64());
+        assert_eq!((c.nr_address_spaces, c.user_slots), (1, 32764));
+        assert!(c.validate().is_ok());
+        assert_eq!(parse_header("set 0 0 0 0 0\n").unwrap(), TraceConfig::default());
+        assert_eq!(parse_header("#config: user-slots=8\n").unwrap().user_slots, Some(8));
+        // Comments that are not headers are ignored, before and after ops.
+        assert!(parse_header("# configuration notes\nset 0 0 0 0 0\n# config notes\n").is_ok());
+    }
+
+    #[test]
+    fn header_errors_name_the_line() {
+        for (text, line, words) in [
+            ("# config: address-spaces=0\n", 1, "address-spaces must be a number in 1..=64"),
+            ("# config: user-slots=32765\n", 1, "user-slots must be a number in 1..=32764"),
+            ("# config: user-slots=x\n", 1, "user-slots must be"),
+            ("\n# config: smm\n", 2, "expected KEY=VALUE"),
+            ("# config: slots=3\n", 1, "unknown configuration key"),
+            ("# config: user-slots=3 user-slots=4\n", 1, "given twice"),
+            ("set 0 0 0 0 0\n# config: user-slots=3\n", 2, "before the first operation"),
+        ] {
+            let e = parse_header(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}");
+            assert!(e.message.contains(words), "{text:?}: {}", e.message);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! vm-memory's `GuestMemoryMmap` and plain `memcpy`), and the KVM backend's
 //! overhead over the raw `KVM_SET_USER_MEMORY_REGION` ioctl.
 
-use super::{fl, median, Target};
+use super::{fl, median, Stat, Target};
 use anyhow::{anyhow, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use memslots::{Config, UserMemoryRegion, Vm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES};
@@ -86,6 +86,7 @@ fn target(name: String, slots: u32, goal_ns: f64, memslots: f64, peers: &[(&'sta
         memslots_ns: Some(memslots),
         met: Some(memslots <= goal_ns),
         peers: peers.iter().copied().collect::<BTreeMap<_, _>>(),
+        peer_ranges: BTreeMap::new(),
     }
 }
 
@@ -361,14 +362,16 @@ fn backend(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
                 ioctl.push(timed(&mut raw_move));
             }
         }
-        let (ioctl, lib) = (median(ioctl), median(lib));
-        out.push(target(
+        let (ioctl, lib) = (Stat::of(ioctl), median(lib));
+        let mut t = target(
             format!("move via library+KVM, {n} slots (<= 5% over the ioctl)"),
             n,
-            ioctl * 1.05,
+            ioctl.median * 1.05,
             lib,
-            &[("kvm", ioctl)],
-        ));
+            &[("kvm", ioctl.median)],
+        );
+        t.peer_ranges.insert("kvm", [ioctl.min, ioctl.max]);
+        out.push(t);
     }
     Ok(())
 }

@@ -14,7 +14,7 @@
 //!   the library alone (`library`), through the library into the kernel
 //!   (`library+kvm`) and with the bare ioctl (`kvm-ioctl`).
 
-use super::{median, ns, ScenarioPoint};
+use super::{ns, ScenarioPoint, Stat};
 use anyhow::{Context, Result};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VcpuExit;
@@ -117,6 +117,7 @@ fn move_scenario(budget: Duration, scenario: &'static str, backend: &'static str
     }
     let iterations = u32::try_from(samples.len()).unwrap_or(u32::MAX);
     let mean = samples.iter().sum::<f64>() / f64::from(iterations.max(1));
+    let stat = Stat::of(samples);
     Ok(ScenarioPoint {
         backend,
         scenario,
@@ -125,8 +126,10 @@ fn move_scenario(budget: Duration, scenario: &'static str, backend: &'static str
         vcpus: 1,
         setup_ms,
         iterations,
-        iter_median_us: median(samples),
+        iter_median_us: stat.median,
         iter_mean_us: mean,
+        iter_min_us: stat.min,
+        iter_max_us: stat.max,
         vcpu_accesses: reads.load(Ordering::Relaxed),
         vcpu_misses: mmio.load(Ordering::Relaxed),
     })
@@ -218,6 +221,7 @@ fn write_scenario(budget: Duration, scenario: &'static str) -> Result<ScenarioPo
     }
     let iterations = u32::try_from(samples.len()).unwrap_or(u32::MAX);
     let mean = samples.iter().sum::<f64>() / f64::from(iterations.max(1));
+    let stat = Stat::of(samples);
     Ok(ScenarioPoint {
         backend: "library+kvm",
         scenario,
@@ -226,8 +230,10 @@ fn write_scenario(budget: Duration, scenario: &'static str) -> Result<ScenarioPo
         vcpus: 1,
         setup_ms,
         iterations,
-        iter_median_us: median(samples),
+        iter_median_us: stat.median,
         iter_mean_us: mean,
+        iter_min_us: stat.min,
+        iter_max_us: stat.max,
         vcpu_accesses: accesses,
         vcpu_misses: misses,
     })

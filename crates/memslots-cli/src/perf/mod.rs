@@ -22,6 +22,7 @@
 //!       "slots": u32,                       // slots present
 //!       "median_ns": f64,                   // median over batches of ns per operation
 //!                                           // ("build": ns to create all `slots` slots from empty)
+//!       "min_ns": f64, "max_ns": f64,       // fastest and slowest batch (build: run)
 //!       "samples": u32 } ],                 // batches the median is taken over
 //!   "scenarios": [ {                        // memslot_perf_test scenarios
 //!       "backend": "library" | "library+kvm" | "kvm-ioctl",
@@ -30,11 +31,13 @@
 //!       "setup_ms": f64,                    // creating all slots of the area
 //!       "iterations": u32,
 //!       "iter_median_us": f64, "iter_mean_us": f64,
+//!       "iter_min_us": f64, "iter_max_us": f64, // fastest and slowest iteration
 //!       "vcpu_accesses": u64,               // guest page accesses that hit a slot
 //!       "vcpu_misses": u64 } ],             // accesses that found no slot (MMIO exits on KVM)
 //!   "targets": [ {
 //!       "name": string, "slots": u32, "goal_ns": f64, "memslots_ns": f64|null,
-//!       "met": bool|null, "peers": { "<implementation>": f64 } } ]
+//!       "met": bool|null, "peers": { "<implementation>": f64 },
+//!       "peer_ranges": { "<implementation>": [min, max] } } ]  // where known (kvm)
 //! }
 //! ```
 //!
@@ -44,7 +47,9 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod extra;
@@ -63,8 +68,8 @@ pub struct PerfArgs {
     /// A smoke run of a few seconds (CI): tiny area and slot counts.
     #[arg(long, hide = true, conflicts_with = "quick")]
     tiny: bool,
-    /// vCPU threads in the library scenarios (the kernel test uses 1).
-    #[arg(long, default_value_t = 1)]
+    /// vCPU threads in the library scenarios, 1..=1024 (the kernel test uses 1).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     vcpus: u32,
     /// Skip the real-KVM part even where /dev/kvm exists.
     #[arg(long)]
@@ -84,6 +89,9 @@ pub(crate) struct MicroPoint {
     implementation: &'static str,
     slots: u32,
     median_ns: f64,
+    /// Fastest and slowest batch (build: run) of the `samples`.
+    min_ns: f64,
+    max_ns: f64,
     samples: u32,
 }
 
@@ -99,6 +107,9 @@ pub(crate) struct ScenarioPoint {
     iterations: u32,
     iter_median_us: f64,
     iter_mean_us: f64,
+    /// Fastest and slowest iteration.
+    iter_min_us: f64,
+    iter_max_us: f64,
     vcpu_accesses: u64,
     vcpu_misses: u64,
 }
@@ -112,6 +123,8 @@ pub(crate) struct Target {
     memslots_ns: Option<f64>,
     met: Option<bool>,
     peers: BTreeMap<&'static str, f64>,
+    /// `[min, max]` of the samples behind a peer's figure, where known.
+    peer_ranges: BTreeMap<&'static str, [f64; 2]>,
 }
 
 #[derive(Serialize, Debug)]
@@ -149,7 +162,7 @@ struct Plan {
 
 impl Plan {
     fn new(args: &PerfArgs) -> Plan {
-        let vcpus = args.vcpus.max(1);
+        let vcpus = args.vcpus;
         if args.tiny {
             Plan {
                 mode: "tiny",
@@ -270,6 +283,23 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Median, minimum and maximum of a set of samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Stat {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+}
+
+impl Stat {
+    /// The statistics of `v` (all 0 for an empty vector).
+    pub(crate) fn of(v: Vec<f64>) -> Stat {
+        let min = v.iter().copied().reduce(f64::min).unwrap_or(0.0);
+        let max = v.iter().copied().reduce(f64::max).unwrap_or(0.0);
+        Stat { median: median(v), min, max }
+    }
+}
+
 /// Nanoseconds in `d`, as a float.
 pub(crate) fn ns(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
@@ -299,9 +329,29 @@ fn kvm_status(args: &PerfArgs) -> Result<(kvm_ioctls::Kvm, u64), String> {
     Ok((k, nr))
 }
 
+/// Opens an output file before any measurement, so a bad path fails at once
+/// (not truncated yet: an existing file keeps its contents if the run fails).
+fn open_output(path: &Path, flag: &str) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("cannot write {flag} {}", path.display()))
+}
+
+/// Replaces the contents of an output file opened by [`open_output`].
+fn write_output(mut file: File, path: &Path, contents: &str) -> Result<()> {
+    file.set_len(0)
+        .and_then(|()| file.write_all(contents.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Runs `memslots perf`.
 pub fn run(args: &PerfArgs) -> Result<()> {
     let started = Instant::now();
+    let json_file = args.json.as_deref().map(|p| open_output(p, "--json")).transpose()?;
+    let svg_file = args.svg.as_deref().map(|p| open_output(p, "--svg")).transpose()?;
     let plan = Plan::new(args);
     let mut skipped = Vec::new();
     let kvm = match kvm_status(args) {
@@ -365,12 +415,11 @@ pub fn run(args: &PerfArgs) -> Result<()> {
     };
     let stdout = std::io::stdout();
     table::print(&mut stdout.lock(), &report)?;
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("{}: cannot write", path.display()))?;
+    if let (Some(file), Some(path)) = (json_file, &args.json) {
+        write_output(file, path, &(serde_json::to_string_pretty(&report)? + "\n"))?;
     }
-    if let Some(path) = &args.svg {
-        std::fs::write(path, svg::render(&report)).with_context(|| format!("{}: cannot write", path.display()))?;
+    if let (Some(file), Some(path)) = (svg_file, &args.svg) {
+        write_output(file, path, &svg::render(&report))?;
     }
     Ok(())
 }

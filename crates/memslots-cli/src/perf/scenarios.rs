@@ -24,7 +24,7 @@
 //! Each scenario runs iterations until its time budget is spent (at least
 //! three). `setup_ms` is the time to create the `n` slots on a fresh VM.
 
-use super::{median, ns, Progress, ScenarioPoint};
+use super::{ns, Progress, ScenarioPoint, Stat};
 use anyhow::{bail, Result};
 use memslots::{Config, UserMemoryRegion, Vm};
 use memslots_kvm::guest::Mapping;
@@ -346,6 +346,7 @@ fn run_one(plan: &ScenarioPlan, area: u64, layout: &Layout, name: &'static str, 
     }
     let iterations = u32::try_from(samples.len()).unwrap_or(u32::MAX);
     let mean = samples.iter().sum::<f64>() / f64::from(iterations.max(1));
+    let stat = Stat::of(samples);
     Ok(ScenarioPoint {
         backend: "library",
         scenario: name,
@@ -354,8 +355,10 @@ fn run_one(plan: &ScenarioPlan, area: u64, layout: &Layout, name: &'static str, 
         vcpus: plan.vcpus,
         setup_ms,
         iterations,
-        iter_median_us: median(samples),
+        iter_median_us: stat.median,
         iter_mean_us: mean,
+        iter_min_us: stat.min,
+        iter_max_us: stat.max,
         vcpu_accesses: sh.accesses.load(Ordering::Relaxed),
         vcpu_misses: sh.misses.load(Ordering::Relaxed),
     })
