@@ -22,7 +22,7 @@
 //!   ordering: the two RMWs on a word are totally ordered, and whichever comes
 //!   first, the page write before the mark is either visible to the harvester
 //!   after its clear or still logged. A mark that skipped its RMW when the bit
-//!   looked set would break this (store buffering); see [`DirtyBitmap::mark`].
+//!   looked set would break this (store buffering); see `DirtyBitmap::mark`.
 //!
 //! A "maybe dirty" hint (seed 004) lets a take of a clean bitmap return zeros
 //! without flipping or walking.
