@@ -482,7 +482,9 @@ fn run_input<H: Harness>(u: &mut Input, p: &Profile, hooks: H) -> Result<(), Tes
                     _ => u32::try_from(npages).unwrap_or(u32::MAX),
                 };
                 let need = usize::try_from(u64::from(num_pages).div_ceil(64)).unwrap();
-                let mlen = if u.byte() % 8 == 0 { need.saturating_sub(1) } else { need.min(64) };
+                // A valid range is at most 4096 pages (no logging slot is
+                // larger): 64 words are enough, and a short mask is EFAULT.
+                let mlen = if u.byte() % 8 == 0 { need.saturating_sub(1) } else { need }.min(64);
                 let mask: Vec<u64> = (0..mlen)
                     .map(|_| match u.byte() % 4 {
                         0 => 0,
