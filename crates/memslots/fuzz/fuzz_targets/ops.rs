@@ -160,7 +160,7 @@ fn hva(u: &mut Input, p: &Profile) -> u64 {
 }
 
 fn region_step(u: &mut Input, p: &Profile) -> Step {
-    let op = if u.byte() % 2 == 0 {
+    let op = if u.byte().is_multiple_of(2) {
         Op::Fresh(UserMemoryRegion::new(slot(u, p), flags(u), gpa(u, p), size(u, p), hva(u, p)))
     } else {
         let pick = usize::from(u.byte());
@@ -184,10 +184,10 @@ fn region_step(u: &mut Input, p: &Profile) -> Step {
             2 => Some(size(u, p)),
             _ => None,
         };
-        let hva = if u.byte() % 10 == 0 { Some(hva(u, p)) } else { None };
+        let hva = if u.byte().is_multiple_of(10) { Some(hva(u, p)) } else { None };
         Op::Reuse { pick, slot, gpa, flags, size, hva }
     };
-    let inject = if p.inject > 0 && u.byte() % 6 == 0 {
+    let inject = if p.inject > 0 && u.byte().is_multiple_of(6) {
         Some(u.pick(&[Errno::ENOMEM, Errno::EIO, Errno::EFAULT]))
     } else {
         None
@@ -198,7 +198,7 @@ fn region_step(u: &mut Input, p: &Profile) -> Step {
 /// A slot field for a dirty-log operation: mostly an existing slot.
 fn dirty_slot(u: &mut Input, p: &Profile, model: &Model) -> u32 {
     let all: Vec<MSlot> = model.all().copied().collect();
-    if !all.is_empty() && u.byte() % 4 != 0 {
+    if !all.is_empty() && !u.byte().is_multiple_of(4) {
         all[usize::from(u.byte()) % all.len()].raw()
     } else {
         slot(u, p)
@@ -422,7 +422,7 @@ fn run_input<H: Harness>(u: &mut Input, p: &Profile, hooks: H) -> Result<(), Tes
                 let s = dirty_slot(u, p, &model);
                 let b = u.byte();
                 let need = model.dirty_slot(s, None).map_or(1, |(k, _)| model.bitmaps[&k].len());
-                if b % 4 == 0 {
+                if b.is_multiple_of(4) {
                     let want = model.get_dirty_log(s, usize::MAX);
                     let mut got_words = BTreeMap::new();
                     let got = errno(vm.harvest_dirty_log(s, |w, bits| {
@@ -470,7 +470,7 @@ fn run_input<H: Harness>(u: &mut Input, p: &Profile, hooks: H) -> Result<(), Tes
                 let first_page = match u.byte() % 8 {
                     0 => 64,
                     1 => u64::from(u.byte()),
-                    2 => u.pick(&[128, 1 << 32, u64::MAX & !63]),
+                    2 => u.pick(&[128, 1 << 32, !63]),
                     _ => 0,
                 };
                 let num_pages = match u.byte() % 8 {
@@ -484,7 +484,7 @@ fn run_input<H: Harness>(u: &mut Input, p: &Profile, hooks: H) -> Result<(), Tes
                 let need = usize::try_from(u64::from(num_pages).div_ceil(64)).unwrap();
                 // A valid range is at most 4096 pages (no logging slot is
                 // larger): 64 words are enough, and a short mask is EFAULT.
-                let mlen = if u.byte() % 8 == 0 { need.saturating_sub(1) } else { need }.min(64);
+                let mlen = if u.byte().is_multiple_of(8) { need.saturating_sub(1) } else { need }.min(64);
                 let mask: Vec<u64> = (0..mlen)
                     .map(|_| match u.byte() % 4 {
                         0 => 0,
