@@ -159,7 +159,7 @@ fn hva(u: &mut Input, p: &Profile) -> u64 {
     }
 }
 
-fn region_step(u: &mut Input, p: &Profile) -> Step {
+fn region_request(u: &mut Input, p: &Profile) -> Step {
     let op = if u.byte().is_multiple_of(2) {
         Op::Fresh(UserMemoryRegion::new(slot(u, p), flags(u), gpa(u, p), size(u, p), hva(u, p)))
     } else {
@@ -347,13 +347,7 @@ fn run_input<H: Harness>(u: &mut Input, p: &Profile, hooks: H) -> Result<(), Tes
     let mut tags = Tags::new();
     let nr = p.cfg.nr_address_spaces;
     // One vCPU per address space (as `run`), a roaming one, and a pool.
-    let vcpus: Vec<Vcpu<'_, H>> = (0..nr)
-        .map(|a| {
-            let mut v = vm.vcpu();
-            v.set_address_space(a).unwrap();
-            v
-        })
-        .collect();
+    let vcpus = vcpu_per_address_space(&vm);
     let mut roaming = vm.vcpu();
     let mut pool: Vec<Vcpu<'_, H>> = Vec::new();
     let reader = vm.reader();
@@ -364,43 +358,9 @@ fn run_input<H: Harness>(u: &mut Input, p: &Profile, hooks: H) -> Result<(), Tes
         match u.byte() % 16 {
             // KVM_SET_USER_MEMORY_REGION, as `run` does it.
             0..=6 => {
-                let Step { op, inject } = region_step(u, p);
-                let r = resolve(&op, &model, &history);
-                let roam = u16::try_from(step % usize::from(nr)).unwrap();
-                roaming.set_address_space(roam).unwrap();
-                let primed = prime(&vm, &model, &vcpus, &roaming, &r);
-                let gens_before = model.gens.clone();
-                let want = model.apply_with(&r, inject);
-                let _ = vm.hooks().take_events();
-                vm.hooks().arm(inject);
-                let got = vm.set_user_memory_region(&r);
-                vm.hooks().arm(None);
-                compare_verdict(step, &r, &want, &got)?;
-                if let Some(events) = vm.hooks().take_events() {
-                    match check_events(step, &r, &model, &gens_before, &tags, events)? {
-                        Some((key, Some(tag))) => {
-                            tags.insert(key, tag);
-                        }
-                        Some((key, None)) => {
-                            tags.remove(&key);
-                        }
-                        None => {}
-                    }
-                }
-                if let Ok(Outcome::Changed(MemoryChange::Create | MemoryChange::Move | MemoryChange::FlagsOnly)) = want
-                {
-                    let sid = memslots::SlotId::from_raw(r.slot);
-                    history.record(model.by_id(sid.as_id, sid.id).unwrap());
-                }
-                let what = format!("step {step} after {r:x?} ({want:?})");
-                for v in vcpus.iter().chain(&pool) {
-                    check_vcpu(v, &model, &primed, &what)?;
-                }
-                check_vm_at(&vm, &model, &primed, &what)?;
-                check_vcpu(&roaming, &model, &primed, &what)?;
-                roaming.set_address_space((roam + 1) % nr).unwrap();
-                check_vcpu(&roaming, &model, &primed, &what)?;
-                check_counters(&vm, &model, step)?;
+                let Step { op, inject } = region_request(u, p);
+                let mut state = RunState { model: &mut model, history: &mut history, tags: &mut tags };
+                region_step(&vm, &mut state, &vcpus, &pool, &mut roaming, step, &op, inject)?;
             }
             // KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2).
             7 => {

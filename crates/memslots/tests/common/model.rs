@@ -1266,6 +1266,82 @@ fn prime<H: Harness>(
     gfns
 }
 
+/// One vCPU per address space, each switched to its own (as `run` and the
+/// fuzz target keep them).
+fn vcpu_per_address_space<H: Harness>(vm: &Vm<H>) -> Vec<Vcpu<'_, H>> {
+    (0..vm.nr_address_spaces())
+        .map(|a| {
+            let mut v = vm.vcpu();
+            v.set_address_space(a).unwrap();
+            v
+        })
+        .collect()
+}
+
+/// What a run carries from step to step besides the VM.
+struct RunState<'a> {
+    model: &'a mut Model,
+    history: &'a mut History,
+    tags: &'a mut Tags,
+}
+
+/// One `KVM_SET_USER_MEMORY_REGION` step of a run (`run` and the fuzz
+/// target): the request applied to the model and the VM (with `inject`
+/// failing the hook's prepare), verdicts and hook events compared, then every
+/// vCPU's cache (`vcpus`, `pool`, and `roaming` in two address spaces) and the
+/// VM's lookups at the gfns the step touched, before other lookups refill them.
+#[allow(clippy::too_many_arguments)]
+fn region_step<H: Harness>(
+    vm: &Vm<H>,
+    st: &mut RunState<'_>,
+    vcpus: &[Vcpu<'_, H>],
+    pool: &[Vcpu<'_, H>],
+    roaming: &mut Vcpu<'_, H>,
+    step: usize,
+    op: &Op,
+    inject: Option<Errno>,
+) -> Result<(), TestCaseError> {
+    let nr = vm.nr_address_spaces();
+    let r = resolve(op, st.model, st.history);
+    let roam = u16::try_from(step % usize::from(nr)).unwrap();
+    roaming.set_address_space(roam).unwrap();
+    let primed = prime(vm, st.model, vcpus, roaming, &r);
+
+    let gens_before = st.model.gens.clone();
+    let want = st.model.apply_with(&r, inject);
+    let _ = vm.hooks().take_events();
+    vm.hooks().arm(inject);
+    let got = vm.set_user_memory_region(&r);
+    vm.hooks().arm(None);
+    compare_verdict(step, &r, &want, &got)?;
+    if let Some(events) = vm.hooks().take_events() {
+        match check_events(step, &r, st.model, &gens_before, st.tags, events)? {
+            Some((key, Some(tag))) => {
+                st.tags.insert(key, tag);
+            }
+            Some((key, None)) => {
+                st.tags.remove(&key);
+            }
+            None => {}
+        }
+    }
+    if let Ok(Outcome::Changed(MemoryChange::Create | MemoryChange::Move | MemoryChange::FlagsOnly)) = want {
+        let sid = memslots::SlotId::from_raw(r.slot);
+        st.history.record(st.model.by_id(sid.as_id, sid.id).unwrap());
+    }
+
+    // Caches first, before other lookups refill them.
+    let what = format!("step {step} after {r:x?} ({want:?})");
+    for v in vcpus.iter().chain(pool) {
+        check_vcpu(v, st.model, &primed, &what)?;
+    }
+    check_vm_at(vm, st.model, &primed, &what)?;
+    check_vcpu(roaming, st.model, &primed, &what)?;
+    roaming.set_address_space((roam + 1) % nr).unwrap();
+    check_vcpu(roaming, st.model, &primed, &what)?;
+    check_counters(vm, st.model, step)
+}
+
 /// Applies `ops` to a fresh VM and to the model, comparing as it goes.
 fn run<H: Harness>(p: &Profile, ops: &[Step], hooks: H) -> Result<(), TestCaseError> {
     let vm = Vm::with_hooks(p.cfg, hooks).unwrap();
@@ -1273,13 +1349,7 @@ fn run<H: Harness>(p: &Profile, ops: &[Step], hooks: H) -> Result<(), TestCaseEr
     let mut history = History::default();
     let mut tags = Tags::new();
     let nr = p.cfg.nr_address_spaces;
-    let vcpus: Vec<Vcpu<'_, H>> = (0..nr)
-        .map(|a| {
-            let mut v = vm.vcpu();
-            v.set_address_space(a).unwrap();
-            v
-        })
-        .collect();
+    let vcpus = vcpu_per_address_space(&vm);
     let mut roaming = vm.vcpu();
     prop_assert_eq!(roaming.set_address_space(nr).map_err(|e| e.errno()), Err(Errno::EINVAL));
     prop_assert_eq!(roaming.address_space(), 0);
@@ -1287,44 +1357,8 @@ fn run<H: Harness>(p: &Profile, ops: &[Step], hooks: H) -> Result<(), TestCaseEr
     check_all(&vm, &model, &tags, &vcpus, &roaming, &reader, p, 0)?;
     for (step, Step { op, inject }) in ops.iter().enumerate() {
         let step = step + 1;
-        let r = resolve(op, &model, &history);
-        let roam = u16::try_from(step % usize::from(nr)).unwrap();
-        roaming.set_address_space(roam).unwrap();
-        let primed = prime(&vm, &model, &vcpus, &roaming, &r);
-
-        let gens_before = model.gens.clone();
-        let want = model.apply_with(&r, *inject);
-        let _ = vm.hooks().take_events();
-        vm.hooks().arm(*inject);
-        let got = vm.set_user_memory_region(&r);
-        vm.hooks().arm(None);
-        compare_verdict(step, &r, &want, &got)?;
-        if let Some(events) = vm.hooks().take_events() {
-            match check_events(step, &r, &model, &gens_before, &tags, events)? {
-                Some((key, Some(tag))) => {
-                    tags.insert(key, tag);
-                }
-                Some((key, None)) => {
-                    tags.remove(&key);
-                }
-                None => {}
-            }
-        }
-        if let Ok(Outcome::Changed(MemoryChange::Create | MemoryChange::Move | MemoryChange::FlagsOnly)) = want {
-            let sid = memslots::SlotId::from_raw(r.slot);
-            history.record(model.by_id(sid.as_id, sid.id).unwrap());
-        }
-
-        // Caches first, before other lookups refill them.
-        let what = format!("step {step} after {r:x?}");
-        for v in &vcpus {
-            check_vcpu(v, &model, &primed, &what)?;
-        }
-        check_vm_at(&vm, &model, &primed, &what)?;
-        check_vcpu(&roaming, &model, &primed, &what)?;
-        roaming.set_address_space((roam + 1) % nr).unwrap();
-        check_vcpu(&roaming, &model, &primed, &what)?;
-        check_counters(&vm, &model, step)?;
+        let mut state = RunState { model: &mut model, history: &mut history, tags: &mut tags };
+        region_step(&vm, &mut state, &vcpus, &[], &mut roaming, step, op, *inject)?;
         if step % p.full_every == 0 || step == ops.len() {
             check_all(&vm, &model, &tags, &vcpus, &roaming, &reader, p, step)?;
         }
