@@ -29,11 +29,12 @@ use crate::guest::Mapping;
 use kvm_bindings::{kvm_userspace_memory_region, kvm_userspace_memory_region2};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memslots::{
-    ArchHooks, Config, Errno, MemoryChange, MemorySlot, SlotDraft, Vm, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_READONLY,
+    ArchHooks, Config, Errno, MemoryChange, MemorySlot, SlotDesc, SlotDraft, Vm, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// Flags userspace may pass to the kernel (internal bits stripped).
 const UAPI_FLAGS: u32 = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD;
@@ -56,13 +57,31 @@ impl HostMem {
     }
 }
 
+/// Which host memory the kernel VM's slots may map.
+#[derive(Debug)]
+enum Access {
+    /// Any host range; no safe vCPUs.
+    Unrestricted,
+    /// Ranges attached to the VM ([`KvmHooks::attach`]).
+    Owned(Arc<RwLock<HostMem>>),
+    /// The KVM layer under a strict guest-memory layer
+    /// ([`KvmGuestVm`](crate::KvmGuestVm)): every slot is backed by a mapping
+    /// the slot keeps alive, the kernel's slots are deleted before the
+    /// library frees any slot ([`ArchHooks::destroy_vm`]), and a deleted
+    /// slot is gone from the kernel before the library frees it.
+    GuestMemory,
+}
+
 /// Arch hooks that mirror slot changes into a kernel VM.
 #[derive(Debug)]
 pub struct KvmHooks {
     // Field order: the kernel VM fd closes before the memory is released.
     vm: VmFd,
-    /// `None`: unrestricted (any host range, no safe vCPUs). `Some`: owned memory.
-    host: Option<Arc<RwLock<HostMem>>>,
+    access: Access,
+    /// Slots the kernel holds (`as_id << 16 | id`), for `destroy_vm` (guest-memory VMs only).
+    kernel_slots: Mutex<BTreeSet<u32>>,
+    /// Test hook: the next prepare fails with this errno (0: none).
+    inject: AtomicI32,
     /// Dirty ring size in bytes the VM was enabled with (0: none).
     ring_bytes: AtomicU32,
     ioctls: AtomicU64,
@@ -71,9 +90,21 @@ pub struct KvmHooks {
 
 impl KvmHooks {
     fn new(vm: VmFd, owned: bool) -> Self {
+        let access = if owned { Access::Owned(Arc::default()) } else { Access::Unrestricted };
+        KvmHooks::with_access(vm, access)
+    }
+
+    /// The KVM layer of a [`KvmGuestVm`](crate::KvmGuestVm).
+    pub(crate) fn for_guest_memory(vm: VmFd) -> Self {
+        KvmHooks::with_access(vm, Access::GuestMemory)
+    }
+
+    fn with_access(vm: VmFd, access: Access) -> Self {
         KvmHooks {
             vm,
-            host: owned.then(Arc::default),
+            access,
+            kernel_slots: Mutex::default(),
+            inject: AtomicI32::new(0),
             ring_bytes: AtomicU32::new(0),
             ioctls: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
@@ -114,14 +145,28 @@ impl KvmHooks {
     /// Whether this VM only accepts slots over memory attached to it (and
     /// so hands out vCPUs through [`create_vcpu`](Self::create_vcpu)).
     pub fn owns_memory(&self) -> bool {
-        self.host.is_some()
+        !matches!(self.access, Access::Unrestricted)
+    }
+
+    /// Fault injection for tests: the next prepare step of a slot change
+    /// fails with `errno` before reaching the kernel, as if the kernel had
+    /// refused it (the change is undone in every layer).
+    pub fn inject_prepare_failure(&self, errno: Errno) {
+        self.inject.store(errno.0, Ordering::Release);
+    }
+
+    fn owned(&self) -> std::io::Result<&Arc<RwLock<HostMem>>> {
+        match &self.access {
+            Access::Owned(h) => Ok(h),
+            _ => Err(not_owned()),
+        }
     }
 
     /// Attaches `mapping` to an owned-memory VM: slots may then map any part
     /// of it, and it stays mapped for as long as the kernel VM or any vCPU
     /// of it exists. Fails with `InvalidInput` on an unrestricted VM.
     pub fn attach(&self, mapping: &Arc<Mapping>) -> std::io::Result<()> {
-        let host = self.host.as_ref().ok_or_else(not_owned)?;
+        let host = self.owned()?;
         let mut h = host.write().unwrap_or_else(PoisonError::into_inner);
         let start = mapping.hva();
         let end = start.saturating_add(mapping.len() as u64);
@@ -140,7 +185,7 @@ impl KvmHooks {
     /// (the guest may write any of it while a vCPU runs) and must not be
     /// covered by Rust references or otherwise relied upon not to change.
     pub unsafe fn allow_host_range(&self, hva: u64, len: u64) -> std::io::Result<()> {
-        let host = self.host.as_ref().ok_or_else(not_owned)?;
+        let host = self.owned()?;
         let end = hva.checked_add(len).ok_or(std::io::ErrorKind::InvalidInput)?;
         host.write().unwrap_or_else(PoisonError::into_inner).ranges.push((hva, end));
         Ok(())
@@ -149,13 +194,18 @@ impl KvmHooks {
     /// Creates vCPU `id` on an owned-memory VM. Fails with `InvalidInput` on
     /// an unrestricted VM (its slots may map anything); see the module docs.
     pub fn create_vcpu(&self, id: u64) -> std::io::Result<KvmVcpu> {
-        let host = self.host.as_ref().ok_or_else(not_owned)?;
+        let host = self.owned()?;
+        self.new_vcpu(id, Arc::clone(host) as Arc<dyn std::any::Any + Send + Sync>)
+    }
+
+    /// A vCPU keeping `keep` alive.
+    pub(crate) fn new_vcpu(&self, id: u64, keep: Arc<dyn std::any::Any + Send + Sync>) -> std::io::Result<KvmVcpu> {
         let fd = self.vm.create_vcpu(id).map_err(std::io::Error::from)?;
         // Read after the vCPU exists: the kernel enables a ring only while
         // no vCPU exists, and we record it after it succeeded, so a non-zero
         // value here is the ring this vCPU has (0 may be conservative).
         let ring_bytes = self.ring_bytes.load(Ordering::Acquire);
-        Ok(KvmVcpu { fd, ring_bytes, _host: Arc::clone(host) })
+        Ok(KvmVcpu { fd, ring_bytes, _keep: keep })
     }
 
     /// The dirty ring size the VM was enabled with through
@@ -181,10 +231,37 @@ impl KvmHooks {
 
     /// Whether a slot may map `[hva, hva + size)`.
     fn may_map(&self, hva: u64, size: u64) -> bool {
-        match &self.host {
-            None => true,
-            Some(h) => h.read().unwrap_or_else(PoisonError::into_inner).covers(hva, size),
+        match &self.access {
+            Access::Unrestricted | Access::GuestMemory => true,
+            Access::Owned(h) => h.read().unwrap_or_else(PoisonError::into_inner).covers(hva, size),
         }
+    }
+
+    fn track(&self) -> Option<std::sync::MutexGuard<'_, BTreeSet<u32>>> {
+        matches!(self.access, Access::GuestMemory)
+            .then(|| self.kernel_slots.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Deletes `desc`'s slot from the kernel.
+    fn kernel_delete(&self, desc: &SlotDesc) -> Result<(), Errno> {
+        self.set(desc.slot(), 0, 0, 0, desc.userspace_addr, None)?;
+        if let Some(mut t) = self.track() {
+            t.remove(&desc.slot());
+        }
+        Ok(())
+    }
+
+    /// Gives the kernel slot `desc` (create, move or flags).
+    fn kernel_set(&self, d: &SlotDesc) -> Result<(), Errno> {
+        if !self.may_map(d.userspace_addr, d.npages << 12) {
+            return Err(Errno::EFAULT);
+        }
+        let gmem = d.guest_memfd.map(|g| (g.fd, g.offset));
+        self.set(d.slot(), d.flags & UAPI_FLAGS, d.base_gfn << 12, d.npages << 12, d.userspace_addr, gmem)?;
+        if let Some(mut t) = self.track() {
+            t.insert(d.slot());
+        }
+        Ok(())
     }
 
     fn set(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64, gmem: Option<(u32, u64)>) -> Result<(), Errno> {
@@ -238,17 +315,41 @@ impl ArchHooks for KvmHooks {
         old: Option<&MemorySlot<()>>,
         new: Option<&mut SlotDraft<()>>,
     ) -> Result<(), Errno> {
+        let injected = self.inject.swap(0, Ordering::AcqRel);
+        if injected != 0 {
+            self.refusals.fetch_add(1, Ordering::Relaxed);
+            return Err(Errno(injected));
+        }
         match (change, old, new) {
-            (MemoryChange::Delete, Some(old), _) => self.set(old.slot(), 0, 0, 0, old.userspace_addr, None),
-            (_, _, Some(new)) => {
-                let d = &new.desc;
-                if !self.may_map(d.userspace_addr, d.npages << 12) {
-                    return Err(Errno::EFAULT);
-                }
-                let gmem = d.guest_memfd.map(|g| (g.fd, g.offset));
-                self.set(d.slot(), d.flags & UAPI_FLAGS, d.base_gfn << 12, d.npages << 12, d.userspace_addr, gmem)
-            }
+            (MemoryChange::Delete, Some(old), _) => self.kernel_delete(old.desc()),
+            (_, _, Some(new)) => self.kernel_set(&new.desc),
             _ => Ok(()),
+        }
+    }
+
+    /// Undoes a prepare that reached the kernel, when a later layer refused
+    /// the change (only if this layer is not the last one: put it last, as
+    /// [`KvmGuestVm`](crate::KvmGuestVm) does, and this never runs). The
+    /// kernel gets the old state back; a slot whose dirty logging was
+    /// switched and switched back loses the kernel's dirty bits of that
+    /// slot, which is why the KVM layer belongs last.
+    fn abort_memory_region(&self, change: MemoryChange, old: Option<&MemorySlot<()>>, new: Option<&SlotDraft<()>>) {
+        let undo = match (change, old, new) {
+            (MemoryChange::Create, _, Some(new)) => self.kernel_delete(&new.desc),
+            (_, Some(old), _) => self.kernel_set(old.desc()),
+            _ => Ok(()),
+        };
+        debug_assert!(undo.is_ok(), "the kernel refused to undo a change it had accepted: {undo:?}");
+    }
+
+    /// `kvm_arch_destroy_vm` runs before the memslots are freed: drop the
+    /// kernel's slots, so a vCPU fd that outlives this VM (the kernel VM
+    /// lives while any of its fds is open) can no longer reach the host
+    /// memory the library's slots are about to release.
+    fn destroy_vm(&self) {
+        let Some(mut slots) = self.track() else { return };
+        for slot in std::mem::take(&mut *slots) {
+            let _ = self.set(slot, 0, 0, 0, 0, None);
         }
     }
 }
@@ -315,7 +416,9 @@ pub struct KvmVcpu {
     // Field order: the vCPU fd closes before the memory is released.
     fd: VcpuFd,
     ring_bytes: u32,
-    _host: Arc<RwLock<HostMem>>,
+    /// What keeps the memory the vCPU may reach alive (the attached
+    /// mappings, or the whole guest-memory VM).
+    _keep: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl KvmVcpu {

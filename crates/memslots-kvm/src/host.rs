@@ -75,7 +75,8 @@ pub fn slot_metadata_bytes_per_page() -> u64 {
 
 /// The memslot configuration a default VM on this host has: address spaces
 /// (KVM_CAP_MULTI_ADDRESS_SPACE), user slots (KVM_CAP_NR_MEMSLOTS), READONLY
-/// (KVM_CAP_READONLY_MEM), and the highest gfn ([`probe_max_gfn`]). `None` if /dev/kvm is absent.
+/// (KVM_CAP_READONLY_MEM), guest_memfd slots (KVM_CAP_GUEST_MEMFD on a
+/// default VM), and the highest gfn ([`probe_max_gfn`]). `None` if /dev/kvm is absent.
 pub fn host_config() -> Option<Config> {
     let kvm = Kvm::new().ok()?;
     let mut c = Config::x86_64();
@@ -88,6 +89,10 @@ pub fn host_config() -> Option<Config> {
         }
     }
     c.readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
+    // A default VM takes guest_memfd slots where the kernel offers guest_memfd.
+    if let Ok(vm) = kvm.create_vm() {
+        c.guest_memfd = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_GUEST_MEMFD)) > 0;
+    }
     if let Some(max_gfn) = probe_max_gfn() {
         c.max_gfn = max_gfn;
     } else if let Some(bits) = host_phys_bits() {

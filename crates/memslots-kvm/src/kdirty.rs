@@ -46,11 +46,20 @@ pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(),
 /// Merges the kernel's dirty bitmap of `slot` (`npages` pages) into the
 /// library's. Returns the pages merged.
 pub fn sync_dirty_log(vm: &KvmVm, slot: u32, mode: KernelDirtyMode) -> Result<u64, Errno> {
+    sync_dirty_log_into(vm, vm.hooks().kernel_fd(), slot, mode)
+}
+
+/// [`sync_dirty_log`] for any library VM `vm` mirrored into the kernel VM `fd`.
+pub(crate) fn sync_dirty_log_into<H: memslots::ArchHooks>(
+    vm: &memslots::Vm<H>,
+    fd: &VmFd,
+    slot: u32,
+    mode: KernelDirtyMode,
+) -> Result<u64, Errno> {
     let sid = memslots::SlotId::from_raw(slot);
     let Some(npages) = vm.id_to_slot_desc(sid.as_id, sid.id).map(|d| d.npages) else {
         return Err(Errno::ENOENT);
     };
-    let fd: &VmFd = vm.hooks().kernel_fd();
     let size = usize::try_from(npages << 12).map_err(|_| Errno::EINVAL)?;
     let bitmap = fd.get_dirty_log(slot, size).map_err(|e| Errno(e.errno()))?;
     let mut merged = 0;
@@ -65,7 +74,7 @@ pub fn sync_dirty_log(vm: &KvmVm, slot: u32, mode: KernelDirtyMode) -> Result<u6
             }
         }
     }
-    if mode == KernelDirtyMode::ManualProtect && merged > 0 {
+    if mode == KernelDirtyMode::ManualProtect && bitmap.iter().any(|&w| w != 0) {
         // Clear exactly what was merged; a guest write since the GET stays set.
         let num = u32::try_from(npages).map_err(|_| Errno::EINVAL)?;
         sys::clear_dirty_log(fd, slot, 0, num, &bitmap).map_err(|e| Errno(e.errno()))?;
@@ -127,6 +136,15 @@ impl KernelRing {
     /// Collects dirty entries in order, marks them collected for the kernel,
     /// and merges them into `vm`'s bitmaps. Returns the entries collected.
     pub fn harvest(&mut self, vm: &KvmVm) -> u64 {
+        self.harvest_with(|slot, offset| {
+            let _ = vm.mark_page_dirty_in_slot(slot, offset);
+        })
+    }
+
+    /// Collects dirty entries in order, marks them collected for the kernel,
+    /// and hands each `(slot, page offset in the slot)` to `mark`. Returns
+    /// the entries collected.
+    pub fn harvest_with(&mut self, mut mark: impl FnMut(u32, u64)) -> u64 {
         let mut n = 0;
         loop {
             // `entries` >= 256: `map` checked the size.
@@ -143,7 +161,7 @@ impl KernelRing {
             // SAFETY: the entry is dirty, so the kernel wrote these fields
             // before its release of the flag.
             let (slot, offset) = unsafe { ((*e).slot, (*e).offset) };
-            let _ = vm.mark_page_dirty_in_slot(slot, offset);
+            mark(slot, offset);
             // Collected: the kernel may reset it (KVM_DIRTY_GFN_F_RESET).
             flags.store(2, Ordering::Release);
             self.fetch = self.fetch.wrapping_add(1);

@@ -4,13 +4,16 @@
 
 pub mod backend;
 pub mod guest;
+pub mod guest_vm;
 pub mod host;
 pub mod kdirty;
 pub mod kernel;
 pub mod sys;
 
 pub use backend::{new_kvm_guest_vm, new_kvm_vm, KvmHooks, KvmVcpu, KvmVm};
+pub use guest_vm::{KvmGuestMemory, KvmGuestVm, KvmLayers};
 pub use host::{
     host_caps, host_config, host_phys_bits, kvm_available, probe_max_gfn, slot_metadata_bytes_per_page, HostCaps,
 };
+pub use kdirty::KernelDirtyMode;
 pub use kernel::KernelVm;

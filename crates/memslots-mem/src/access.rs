@@ -74,11 +74,11 @@
 use std::mem::{size_of, MaybeUninit};
 use std::sync::atomic::Ordering;
 
-use memslots::{ReadGuard, VcpuGuard, PAGE_SHIFT, PAGE_SIZE};
+use memslots::{ArchHooks, NoArch, ReadGuard, VcpuGuard, PAGE_SHIFT, PAGE_SIZE};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
 use vm_memory::{ByteValued, VolatileSlice};
 
-use crate::guest::{GuestMemory, GuestVcpu, MemHooks, Slot};
+use crate::guest::{GuestMemory, GuestVcpu, MemLayers, Slot};
 
 /// Why a guest access stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
@@ -206,8 +206,10 @@ guest_atomic!(
 /// How the engine finds slots and records dirty pages: a VM section in one
 /// address space, or a vCPU section.
 trait Lookup {
-    fn memslot(&self, gfn: u64) -> Option<&Slot>;
-    fn mark(&self, slot: &Slot, rel: u64);
+    /// The inner layer's slot data.
+    type D;
+    fn memslot(&self, gfn: u64) -> Option<&Slot<Self::D>>;
+    fn mark(&self, slot: &Slot<Self::D>, rel: u64);
     /// For a read at `gpa`: the host pointer and the bytes contiguous from
     /// it, without touching the slot object, when that is known to be safe;
     /// `None` sends the caller to the checked path ([`resolve`]).
@@ -219,22 +221,23 @@ trait Lookup {
 }
 
 /// Where dirty pages of a volatile slice are recorded.
-trait Marker {
-    fn mark(&self, slot: &Slot, rel: u64);
+trait Marker<D> {
+    fn mark(&self, slot: &Slot<D>, rel: u64);
 }
 
-struct VmLookup<'r, 'g> {
-    guard: &'r ReadGuard<'g, MemHooks>,
+struct VmLookup<'r, 'g, H: ArchHooks> {
+    guard: &'r ReadGuard<'g, MemLayers<H>>,
     as_id: u16,
 }
 
-impl Lookup for VmLookup<'_, '_> {
+impl<H: ArchHooks> Lookup for VmLookup<'_, '_, H> {
+    type D = H::SlotData;
     #[inline]
-    fn memslot(&self, gfn: u64) -> Option<&Slot> {
+    fn memslot(&self, gfn: u64) -> Option<&Slot<H::SlotData>> {
         self.guard.gfn_to_memslot(self.as_id, gfn)
     }
     #[inline]
-    fn mark(&self, slot: &Slot, rel: u64) {
+    fn mark(&self, slot: &Slot<H::SlotData>, rel: u64) {
         // Without a vCPU the mark goes to the bitmap; with dirty rings and no
         // bitmaps there is nowhere to record it (KVM warns): nothing to do.
         let _ = self.guard.mark_slot_page_dirty(slot, rel);
@@ -260,8 +263,12 @@ impl Lookup for VmLookup<'_, '_> {
 /// result for `gpa`'s page, found inside `guard`'s section. `None` (use the
 /// checked path) unless every slot is backed (see [`VmLookup::fast_read`]).
 #[inline]
-fn fast_read_ptr(guard: &ReadGuard<'_, MemHooks>, (hva, pages): (u64, u64), gpa: u64) -> Option<(*mut u8, usize)> {
-    if !guard.vm().hooks().all_backed() {
+fn fast_read_ptr<H: ArchHooks>(
+    guard: &ReadGuard<'_, MemLayers<H>>,
+    (hva, pages): (u64, u64),
+    gpa: u64,
+) -> Option<(*mut u8, usize)> {
+    if !guard.vm().hooks().outer.all_backed() {
         return None;
     }
     let in_page = gpa & (PAGE_SIZE - 1);
@@ -271,19 +278,20 @@ fn fast_read_ptr(guard: &ReadGuard<'_, MemHooks>, (hva, pages): (u64, u64), gpa:
     Some((std::ptr::with_exposed_provenance_mut::<u8>(addr), avail))
 }
 
-impl Marker for ReadGuard<'_, MemHooks> {
-    fn mark(&self, slot: &Slot, rel: u64) {
+impl<H: ArchHooks> Marker<H::SlotData> for ReadGuard<'_, MemLayers<H>> {
+    fn mark(&self, slot: &Slot<H::SlotData>, rel: u64) {
         let _ = self.mark_slot_page_dirty(slot, rel);
     }
 }
 
-impl Lookup for VcpuMemGuard<'_, '_> {
+impl<H: ArchHooks> Lookup for VcpuMemGuard<'_, H> {
+    type D = H::SlotData;
     #[inline]
-    fn memslot(&self, gfn: u64) -> Option<&Slot> {
+    fn memslot(&self, gfn: u64) -> Option<&Slot<H::SlotData>> {
         self.guard.gfn_to_memslot(gfn)
     }
     #[inline]
-    fn mark(&self, slot: &Slot, rel: u64) {
+    fn mark(&self, slot: &Slot<H::SlotData>, rel: u64) {
         self.vcpu.note_mark(self.guard.mark_slot_page_dirty(slot, rel));
     }
     /// As [`VmLookup::fast_read`], from the vCPU's cache (or the gfn index
@@ -295,29 +303,29 @@ impl Lookup for VcpuMemGuard<'_, '_> {
     }
 }
 
-impl Marker for VcpuMemGuard<'_, '_> {
-    fn mark(&self, slot: &Slot, rel: u64) {
+impl<H: ArchHooks> Marker<H::SlotData> for VcpuMemGuard<'_, H> {
+    fn mark(&self, slot: &Slot<H::SlotData>, rel: u64) {
         Lookup::mark(self, slot, rel);
     }
 }
 
 /// A resolved guest address: its slot, host pointer, and the bytes that are
 /// contiguous from there in both the slot and its mapping.
-struct Chunk<'g> {
-    slot: &'g Slot,
+struct Chunk<'g, D> {
+    slot: &'g Slot<D>,
     host: *mut u8,
     avail: usize,
 }
 
 /// Translates `gpa`; every check happens here, before memory is touched.
 #[inline]
-fn resolve<L: Lookup + ?Sized>(l: &L, gpa: u64, write: bool) -> Result<Chunk<'_>, AccessErrorKind> {
+fn resolve<L: Lookup + ?Sized>(l: &L, gpa: u64, write: bool) -> Result<Chunk<'_, L::D>, AccessErrorKind> {
     check(l.memslot(gpa >> PAGE_SHIFT), gpa, write)
 }
 
 /// The checks of [`resolve`] on the slot found for `gpa`.
 #[inline]
-fn check(slot: Option<&Slot>, gpa: u64, write: bool) -> Result<Chunk<'_>, AccessErrorKind> {
+fn check<D>(slot: Option<&Slot<D>>, gpa: u64, write: bool) -> Result<Chunk<'_, D>, AccessErrorKind> {
     let slot = slot.ok_or(AccessErrorKind::NoSlot)?;
     if slot.is_invalid() {
         return Err(AccessErrorKind::Invalid);
@@ -325,7 +333,7 @@ fn check(slot: Option<&Slot>, gpa: u64, write: bool) -> Result<Chunk<'_>, Access
     if write && slot.is_readonly() {
         return Err(AccessErrorKind::ReadOnly);
     }
-    let backing = slot.arch().as_ref().ok_or(AccessErrorKind::Unbacked)?;
+    let backing = slot.arch().0.as_ref().ok_or(AccessErrorKind::Unbacked)?;
     // The slot covers gpa's gfn, so 0 <= in_slot < slot size.
     let in_slot = gpa - (slot.base_gfn << PAGE_SHIFT);
     let slot_left = slot.size() - in_slot;
@@ -341,7 +349,7 @@ fn check(slot: Option<&Slot>, gpa: u64, write: bool) -> Result<Chunk<'_>, Access
 
 /// Marks the pages of `[gpa, gpa + len)` (inside `slot`, `len > 0`) dirty.
 #[inline]
-fn mark_range<L: Lookup + ?Sized>(l: &L, slot: &Slot, gpa: u64, len: usize) {
+fn mark_range<L: Lookup + ?Sized>(l: &L, slot: &Slot<L::D>, gpa: u64, len: usize) {
     if !slot.logs_dirty_pages() || len == 0 {
         return;
     }
@@ -456,7 +464,11 @@ fn write_obj_impl<T: ByteValued, L: Lookup + ?Sized>(l: &L, gpa: u64, val: &T) -
 
 /// The host pointer of an aligned atomic of `T` at `gpa`.
 #[inline]
-fn atomic_ptr<T: GuestAtomic, L: Lookup + ?Sized>(l: &L, gpa: u64, write: bool) -> Result<Chunk<'_>, AccessError> {
+fn atomic_ptr<T: GuestAtomic, L: Lookup + ?Sized>(
+    l: &L,
+    gpa: u64,
+    write: bool,
+) -> Result<Chunk<'_, L::D>, AccessError> {
     let size = size_of::<T>();
     if gpa % size as u64 != 0 {
         return Err(AccessError::at(0, gpa, AccessErrorKind::Misaligned));
@@ -512,13 +524,13 @@ fn cmpxchg_impl<T: GuestAtomic, L: Lookup + ?Sized>(
 }
 
 /// A volatile slice of `len` bytes from the resolved chunk `c` at `gpa`.
-fn make_slice<'g>(
-    c: Result<Chunk<'g>, AccessErrorKind>,
-    marker: &'g dyn Marker,
+fn make_slice<'g, D: Send + Sync>(
+    c: Result<Chunk<'g, D>, AccessErrorKind>,
+    marker: &'g dyn Marker<D>,
     gpa: u64,
     len: usize,
     access: Access,
-) -> Result<VolatileSlice<'g, DirtyTracker<'g>>, AccessError> {
+) -> Result<VolatileSlice<'g, DirtyTracker<'g, D>>, AccessError> {
     let write = access == Access::Write;
     let c = c.map_err(|k| AccessError::at(0, gpa, k))?;
     if len > c.avail {
@@ -536,15 +548,21 @@ fn make_slice<'g>(
 /// The dirty tracking of a volatile slice from a section: writes through
 /// the slice mark their pages in the slot's bitmap, or the vCPU's ring.
 /// Borrowed from the section: a slice cannot outlive it.
-#[derive(Clone, Copy)]
-pub struct DirtyTracker<'g> {
-    marker: Option<&'g dyn Marker>,
-    slot: &'g Slot,
+pub struct DirtyTracker<'g, D = ()> {
+    marker: Option<&'g dyn Marker<D>>,
+    slot: &'g Slot<D>,
     /// Byte offset of the slice's start in the slot.
     start: u64,
 }
 
-impl std::fmt::Debug for DirtyTracker<'_> {
+impl<D> Clone for DirtyTracker<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<D> Copy for DirtyTracker<'_, D> {}
+
+impl<D> std::fmt::Debug for DirtyTracker<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyTracker")
             .field("slot", &self.slot.slot())
@@ -554,13 +572,13 @@ impl std::fmt::Debug for DirtyTracker<'_> {
     }
 }
 
-impl<'g> WithBitmapSlice<'_> for DirtyTracker<'g> {
-    type S = DirtyTracker<'g>;
+impl<'g, D: Send + Sync> WithBitmapSlice<'_> for DirtyTracker<'g, D> {
+    type S = DirtyTracker<'g, D>;
 }
 
-impl BitmapSlice for DirtyTracker<'_> {}
+impl<D: Send + Sync> BitmapSlice for DirtyTracker<'_, D> {}
 
-impl Bitmap for DirtyTracker<'_> {
+impl<D: Send + Sync> Bitmap for DirtyTracker<'_, D> {
     fn mark_dirty(&self, offset: usize, len: usize) {
         let Some(marker) = self.marker else { return };
         if len == 0 || !self.slot.logs_dirty_pages() {
@@ -586,19 +604,19 @@ impl Bitmap for DirtyTracker<'_> {
 
 /// A read section over all address spaces of a [`GuestMemory`]: accesses by
 /// (address space, guest address). See the [module docs](self).
-pub struct MemGuard<'a> {
-    guard: ReadGuard<'a, MemHooks>,
+pub struct MemGuard<'a, H: ArchHooks = NoArch> {
+    guard: ReadGuard<'a, MemLayers<H>>,
 }
 
-impl std::fmt::Debug for MemGuard<'_> {
+impl<H: ArchHooks> std::fmt::Debug for MemGuard<'_, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemGuard").finish_non_exhaustive()
     }
 }
 
-impl<'a> MemGuard<'a> {
+impl<'a, H: ArchHooks> MemGuard<'a, H> {
     #[inline]
-    fn lookup(&self, as_id: u16) -> VmLookup<'_, 'a> {
+    fn lookup(&self, as_id: u16) -> VmLookup<'_, 'a, H> {
         VmLookup { guard: &self.guard, as_id }
     }
 
@@ -612,7 +630,7 @@ impl<'a> MemGuard<'a> {
     }
 
     /// The memslots read guard (slot lookups, iteration).
-    pub fn read_guard(&self) -> &ReadGuard<'a, MemHooks> {
+    pub fn read_guard(&self) -> &ReadGuard<'a, MemLayers<H>> {
         &self.guard
     }
 
@@ -677,7 +695,7 @@ impl<'a> MemGuard<'a> {
         gpa: u64,
         len: usize,
         access: Access,
-    ) -> Result<VolatileSlice<'_, DirtyTracker<'_>>, AccessError> {
+    ) -> Result<VolatileSlice<'_, DirtyTracker<'_, H::SlotData>>, AccessError> {
         let write = access == Access::Write;
         let c = check(self.guard.gfn_to_memslot(as_id, gpa >> PAGE_SHIFT), gpa, write);
         make_slice(c, &self.guard, gpa, len, access).map_err(|e| self.fix(as_id, e))
@@ -687,20 +705,20 @@ impl<'a> MemGuard<'a> {
 /// A vCPU's read section: accesses in the vCPU's current address space,
 /// through its memslot cache; writes mark pages in its dirty ring when rings
 /// are on. See the [module docs](self).
-pub struct VcpuMemGuard<'v, 'a> {
-    guard: VcpuGuard<'v, 'a, MemHooks>,
-    vcpu: &'v GuestVcpu<'a>,
+pub struct VcpuMemGuard<'v, H: ArchHooks = NoArch> {
+    guard: VcpuGuard<'v, 'static, MemLayers<H>>,
+    vcpu: &'v GuestVcpu<H>,
 }
 
-impl std::fmt::Debug for VcpuMemGuard<'_, '_> {
+impl<H: ArchHooks> std::fmt::Debug for VcpuMemGuard<'_, H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuMemGuard").field("as_id", &self.vcpu.address_space()).finish_non_exhaustive()
     }
 }
 
-impl<'v, 'a> VcpuMemGuard<'v, 'a> {
+impl<'v, H: ArchHooks> VcpuMemGuard<'v, H> {
     /// The memslots vCPU guard.
-    pub fn vcpu_guard(&self) -> &VcpuGuard<'v, 'a, MemHooks> {
+    pub fn vcpu_guard(&self) -> &VcpuGuard<'v, 'static, MemLayers<H>> {
         &self.guard
     }
 
@@ -759,7 +777,7 @@ impl<'v, 'a> VcpuMemGuard<'v, 'a> {
         gpa: u64,
         len: usize,
         access: Access,
-    ) -> Result<VolatileSlice<'_, DirtyTracker<'_>>, AccessError> {
+    ) -> Result<VolatileSlice<'_, DirtyTracker<'_, H::SlotData>>, AccessError> {
         make_slice(
             check(self.guard.gfn_to_memslot(gpa >> PAGE_SHIFT), gpa, access == Access::Write),
             self,
@@ -770,10 +788,10 @@ impl<'v, 'a> VcpuMemGuard<'v, 'a> {
     }
 }
 
-impl GuestMemory {
+impl<H: ArchHooks> GuestMemory<H> {
     /// Opens a read section over all address spaces.
     #[inline]
-    pub fn section(&self) -> MemGuard<'_> {
+    pub fn section(&self) -> MemGuard<'_, H> {
         MemGuard { guard: self.vm().read() }
     }
 
@@ -828,10 +846,10 @@ impl GuestMemory {
     }
 }
 
-impl<'a> GuestVcpu<'a> {
+impl<H: ArchHooks> GuestVcpu<H> {
     /// Opens a read section of this vCPU.
     #[inline]
-    pub fn section(&self) -> VcpuMemGuard<'_, 'a> {
+    pub fn section(&self) -> VcpuMemGuard<'_, H> {
         VcpuMemGuard { guard: self.vcpu.read(), vcpu: self }
     }
 

@@ -25,11 +25,11 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use memslots::{
-    ArchHooks, Config, DirtyMark, Errno, MemoryChange, MemorySlot, Outcome, SlotDraft, SlotId, UserMemoryRegion, Vcpu,
-    Vm,
+    ArchHooks, Config, DirtyMark, Errno, Layered, MemoryChange, MemorySlot, NoArch, Outcome, SlotDraft, SlotId,
+    UserMemoryRegion, UserMemoryRegion2, Vcpu, Vm,
 };
 
 use crate::host::{HostMemory, MapError, MapOptions};
@@ -53,19 +53,41 @@ impl SlotBacking {
     }
 }
 
-/// Per-slot data of a [`GuestMemory`] VM: the backing, or `None` for a slot
-/// whose host range is not (entirely) inside a registered mapping.
+/// The guest-memory layer's data in a slot: the backing, or `None` for a
+/// slot whose host range is not (entirely) inside a registered mapping.
 pub type SlotData = Option<SlotBacking>;
 
-/// A memslot of a [`GuestMemory`] VM.
-pub type Slot = MemorySlot<SlotData>;
+/// A memslot of a [`GuestMemory`] VM whose inner layer carries `D` per slot
+/// (`()` for [`NoArch`] and the KVM backend).
+pub type Slot<D = ()> = MemorySlot<(SlotData, D)>;
 
-/// The arch hooks of a [`GuestMemory`] VM: the host mapping registry.
-#[derive(Debug, Default)]
+/// The hooks of a [`GuestMemory`] VM: the guest-memory layer first, then
+/// the inner layer `H` (the KVM backend, a user's MMU, or [`NoArch`]).
+pub type MemLayers<H = NoArch> = Layered<MemHooks, H>;
+
+/// The memslots VM of a [`GuestMemory`].
+pub type MemVm<H = NoArch> = Vm<MemLayers<H>>;
+
+/// Something the guest-memory layer clears when a slot is deleted (the
+/// snapshot cache of a [`MemslotsAddressSpace`](crate::MemslotsAddressSpace)).
+pub(crate) trait ClearOnDelete: Send + Sync {
+    fn clear(&self, as_id: u16);
+}
+
+/// The guest-memory layer of a [`GuestMemory`] VM: the host mapping
+/// registry, and the rule for slots over memory that is not registered.
+#[derive(Default)]
 pub struct MemHooks {
     /// Registered mappings by host start address. Live mappings never
-    /// overlap, so a lookup is a predecessor search.
-    registry: Mutex<BTreeMap<u64, Arc<HostMemory>>>,
+    /// overlap, so a lookup is a predecessor search. The registry does not
+    /// keep mappings alive: the caller's `Arc` and the slots' do.
+    registry: Mutex<BTreeMap<u64, Weak<HostMemory>>>,
+    /// Refuse (`EFAULT`) slots whose host range is not inside a registered
+    /// mapping, instead of creating them unbacked.
+    strict: bool,
+    /// Snapshot caches to drop when a slot is deleted, so a deleted slot's
+    /// mapping is not kept alive by a cache nobody refreshes.
+    caches: Mutex<Vec<Weak<dyn ClearOnDelete>>>,
     /// Unbacked slots that readers may see: incremented when such a slot is
     /// prepared (before it is published), decremented when its deletion is
     /// committed (after the grace period that hides it). While it is zero,
@@ -75,13 +97,42 @@ pub struct MemHooks {
     unbacked: AtomicU64,
 }
 
+impl std::fmt::Debug for MemHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemHooks")
+            .field("strict", &self.strict)
+            .field("unbacked", &self.unbacked)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MemHooks {
-    /// An empty registry.
+    /// An empty registry; slots over unregistered memory are created
+    /// unbacked (KVM accepts any host range).
     pub fn new() -> Self {
         MemHooks::default()
     }
 
-    fn registry(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<HostMemory>>> {
+    /// An empty registry that refuses, with `EFAULT`, every slot whose host
+    /// range is not inside a registered mapping: every slot is backed. The
+    /// KVM backend's guest VMs use it, so the kernel only ever maps memory
+    /// the slots keep alive.
+    pub fn strict() -> Self {
+        MemHooks { strict: true, ..MemHooks::default() }
+    }
+
+    /// Whether unbacked slots are refused ([`strict`](Self::strict)).
+    pub fn is_strict(&self) -> bool {
+        self.strict
+    }
+
+    pub(crate) fn add_cache(&self, cache: Weak<dyn ClearOnDelete>) {
+        let mut c = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        c.retain(|w| w.strong_count() > 0);
+        c.push(cache);
+    }
+
+    fn registry(&self) -> MutexGuard<'_, BTreeMap<u64, Weak<HostMemory>>> {
         // The map stays consistent even if a holder panicked.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -90,7 +141,7 @@ impl MemHooks {
     pub fn find(&self, hva: u64, size: u64) -> Option<Arc<HostMemory>> {
         let reg = self.registry();
         let (_, mem) = reg.range(..=hva).next_back()?;
-        mem.contains(hva, size).then(|| Arc::clone(mem))
+        mem.upgrade().filter(|m| m.contains(hva, size))
     }
 
     /// The backing for a slot at `[hva, hva + size)`, if a registered mapping contains it.
@@ -101,29 +152,33 @@ impl MemHooks {
     }
 
     /// Registers `mem`. Returns false if it was registered already. Live
-    /// mappings cannot overlap, so another entry overlapping `mem` is a
-    /// mapping that was replaced (impossible while the registry holds it).
+    /// mappings cannot overlap, so entries inside `mem`'s range are
+    /// mappings that are gone (their address was reused): drop them.
     fn register(&self, mem: &Arc<HostMemory>) -> bool {
         let mut reg = self.registry();
-        match reg.get(&mem.addr()) {
-            Some(m) if Arc::ptr_eq(m, mem) => false,
-            _ => {
-                reg.insert(mem.addr(), Arc::clone(mem));
-                true
-            }
+        if reg.get(&mem.addr()).is_some_and(|m| std::ptr::eq(m.as_ptr(), Arc::as_ptr(mem))) {
+            return false;
         }
+        let end = mem.addr().saturating_add(mem.size());
+        let stale: Vec<u64> = reg.range(mem.addr()..end).map(|(&a, _)| a).collect();
+        for a in stale {
+            reg.remove(&a);
+        }
+        reg.retain(|_, w| w.strong_count() > 0);
+        reg.insert(mem.addr(), Arc::downgrade(mem));
+        true
     }
 
-    fn unregister(&self, mem: &HostMemory) -> Option<Arc<HostMemory>> {
+    fn unregister(&self, mem: &HostMemory) -> bool {
         let mut reg = self.registry();
         match reg.get(&mem.addr()) {
-            Some(m) if std::ptr::eq(Arc::as_ptr(m), mem) => reg.remove(&mem.addr()),
-            _ => None,
+            Some(m) if std::ptr::eq(m.as_ptr(), mem) => reg.remove(&mem.addr()).is_some(),
+            _ => false,
         }
     }
 
     fn is_registered(&self, mem: &Arc<HostMemory>) -> bool {
-        self.registry().get(&mem.addr()).is_some_and(|m| Arc::ptr_eq(m, mem))
+        self.registry().get(&mem.addr()).is_some_and(|m| std::ptr::eq(m.as_ptr(), Arc::as_ptr(mem)))
     }
 
     /// Unbacked slots readers may currently see (created and not yet fully
@@ -132,9 +187,9 @@ impl MemHooks {
         self.unbacked.load(Ordering::Acquire)
     }
 
-    /// Every registered mapping, by host address.
+    /// Every registered mapping that is still alive, by host address.
     pub fn mappings(&self) -> Vec<Arc<HostMemory>> {
-        self.registry().values().cloned().collect()
+        self.registry().values().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -144,7 +199,7 @@ impl ArchHooks for MemHooks {
     fn prepare_memory_region(
         &self,
         change: MemoryChange,
-        old: Option<&Slot>,
+        old: Option<&MemorySlot<SlotData>>,
         new: Option<&mut SlotDraft<SlotData>>,
     ) -> Result<(), Errno> {
         if let Some(new) = new {
@@ -154,20 +209,51 @@ impl ArchHooks for MemHooks {
                 (MemoryChange::Move | MemoryChange::FlagsOnly, Some(old)) => old.arch().clone(),
                 _ => self.backing(new.desc.userspace_addr, new.desc.size()),
             };
-            // This hook is the last step that can fail a change: from here the
-            // slot will be published. Count it first (see `unbacked`).
-            if change == MemoryChange::Create && new.arch.is_none() {
+            if new.arch.is_none() && change == MemoryChange::Create {
+                if self.strict {
+                    return Err(Errno::EFAULT);
+                }
+                // From here the slot will be published unless a later layer
+                // refuses it (then `abort_memory_region` uncounts it). Count
+                // it first (see `unbacked`).
                 self.unbacked.fetch_add(1, Ordering::SeqCst);
             }
         }
         Ok(())
     }
 
-    fn commit_memory_region(&self, change: MemoryChange, old: Option<&Slot>, _new: Option<&Slot>) {
+    fn abort_memory_region(
+        &self,
+        change: MemoryChange,
+        _old: Option<&MemorySlot<SlotData>>,
+        new: Option<&SlotDraft<SlotData>>,
+    ) {
+        if change == MemoryChange::Create && new.is_some_and(|n| n.arch.is_none()) {
+            self.unbacked.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn commit_memory_region(
+        &self,
+        change: MemoryChange,
+        old: Option<&MemorySlot<SlotData>>,
+        _new: Option<&MemorySlot<SlotData>>,
+    ) {
+        if change != MemoryChange::Delete {
+            return;
+        }
         // Both sets dropped the slot and its INVALID copy, each after a grace
         // period: no reader can see it any more.
-        if change == MemoryChange::Delete && old.is_some_and(|o| o.arch().is_none()) {
+        let Some(old) = old else { return };
+        if old.arch().is_none() {
             self.unbacked.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Snapshot caches may hold the deleted slot's mapping: drop them
+        // (the next `memory()` builds a fresh one).
+        let caches: Vec<_> =
+            self.caches.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
+        for c in caches {
+            c.clear(old.as_id);
         }
     }
 }
@@ -201,6 +287,9 @@ pub enum Error {
         /// Size of the mapping.
         len: u64,
     },
+    /// Discarding host memory failed.
+    #[error("discard failed: {0}")]
+    Discard(#[source] std::io::Error),
     /// The mapping is not registered with this `GuestMemory` (the slot would be unbacked).
     #[error("host mapping {addr:#x} is not registered with this GuestMemory")]
     NotRegistered {
@@ -216,32 +305,63 @@ impl Error {
             Error::Memslots(e) => e.errno(),
             Error::Map(MapError::Os { source, .. }) => source.raw_os_error().map_or(Errno::ENOMEM, Errno),
             Error::Map(_) | Error::NotRegistered { .. } => Errno::EINVAL,
+            Error::Discard(e) => e.raw_os_error().map_or(Errno::EINVAL, Errno),
             Error::OutsideMapping { .. } => Errno::EFAULT,
         }
     }
 }
 
-/// Guest memory: a memslots VM ([`Vm<MemHooks>`]) plus the host mappings its
-/// slots point into. Cheap to clone (one `Arc`); share it between threads.
-#[derive(Clone, Debug)]
-pub struct GuestMemory {
-    vm: Arc<Vm<MemHooks>>,
+/// Guest memory: a memslots VM ([`MemVm<H>`], the guest-memory layer over
+/// an inner layer `H`) plus the host mappings its slots point into. Cheap
+/// to clone (one `Arc`); share it between threads.
+pub struct GuestMemory<H: ArchHooks = NoArch> {
+    vm: Arc<MemVm<H>>,
+}
+
+impl<H: ArchHooks> Clone for GuestMemory<H> {
+    fn clone(&self) -> Self {
+        GuestMemory { vm: Arc::clone(&self.vm) }
+    }
+}
+
+impl<H: ArchHooks> std::fmt::Debug for GuestMemory<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestMemory").field("vm", &self.vm).finish()
+    }
 }
 
 impl GuestMemory {
-    /// A VM with `config` and no mappings.
+    /// A VM with `config`, no mappings and no inner layer.
     pub fn new(config: Config) -> Result<Self, Error> {
-        Ok(GuestMemory { vm: Arc::new(Vm::with_hooks(config, MemHooks::new())?) })
+        GuestMemory::with_layers(config, MemHooks::new(), NoArch)
+    }
+}
+
+impl<H: ArchHooks> GuestMemory<H> {
+    /// A VM with `config` whose slot changes go through the guest-memory
+    /// layer `mem` and then `inner` (see [`memslots::Layered`]).
+    pub fn with_layers(config: Config, mem: MemHooks, inner: H) -> Result<Self, Error> {
+        Ok(GuestMemory { vm: Arc::new(Vm::with_hooks(config, Layered::new(mem, inner))?) })
     }
 
     /// The memslots VM (every memslot and dirty-log call).
-    pub fn vm(&self) -> &Vm<MemHooks> {
+    pub fn vm(&self) -> &MemVm<H> {
         &self.vm
     }
 
     /// The VM, shared.
-    pub fn vm_arc(&self) -> &Arc<Vm<MemHooks>> {
+    pub fn vm_arc(&self) -> &Arc<MemVm<H>> {
         &self.vm
+    }
+
+    /// The guest-memory layer.
+    pub fn mem_hooks(&self) -> &MemHooks {
+        &self.vm.hooks().outer
+    }
+
+    /// The inner layer (the KVM backend, a user's hooks).
+    pub fn inner(&self) -> &H {
+        &self.vm.hooks().inner
     }
 
     /// Number of address spaces.
@@ -286,10 +406,12 @@ impl GuestMemory {
     }
 
     /// Registers a mapping made elsewhere; slots created afterwards over its
-    /// host range are backed by it. Returns the `Arc` (registering twice is harmless).
+    /// host range are backed by it. Returns the `Arc` (registering twice is
+    /// harmless). The registry does not keep the mapping alive: keep the
+    /// `Arc` until slots over it exist (they hold it from then on).
     pub fn register(&self, mem: impl Into<Arc<HostMemory>>) -> Arc<HostMemory> {
         let mem = mem.into();
-        self.vm.hooks().register(&mem);
+        self.mem_hooks().register(&mem);
         mem
     }
 
@@ -297,12 +419,12 @@ impl GuestMemory {
     /// range are unbacked. Existing slots keep it mapped until they are gone
     /// (and no read section sees them). Returns whether it was registered.
     pub fn unregister(&self, mem: &HostMemory) -> bool {
-        self.vm.hooks().unregister(mem).is_some()
+        self.mem_hooks().unregister(mem)
     }
 
     /// The registered mappings.
     pub fn mappings(&self) -> Vec<Arc<HostMemory>> {
-        self.vm.hooks().mappings()
+        self.mem_hooks().mappings()
     }
 
     /// `KVM_SET_USER_MEMORY_REGION` for slot `slot` (`as_id << 16 | id`) with
@@ -322,11 +444,101 @@ impl GuestMemory {
         if offset.checked_add(size).is_none_or(|end| end > mem.size()) {
             return Err(Error::OutsideMapping { offset, size, len: mem.size() });
         }
-        if !self.vm.hooks().is_registered(mem) {
+        if !self.mem_hooks().is_registered(mem) {
             return Err(Error::NotRegistered { addr: mem.addr() });
         }
         let hva = mem.addr() + offset;
         Ok(self.vm.set_user_memory_region(&UserMemoryRegion::new(slot, flags, gpa, size, hva))?)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`: as
+    /// [`set_region`](Self::set_region) (the shared half of the slot, backed
+    /// by `size` bytes of `mem` from `offset`), with the private half bound
+    /// to `size` bytes of the guest_memfd `gmem` from `gmem_offset`. The VM
+    /// must accept guest_memfd slots ([`Config::guest_memfd`] or
+    /// [`Config::private_mem`]); through the KVM backend the kernel checks
+    /// the binding (a guest_memfd of this VM, range inside the file and not
+    /// bound to another slot) and its refusal undoes the change.
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_region_guest_memfd(
+        &self,
+        slot: u32,
+        flags: u32,
+        gpa: u64,
+        mem: &Arc<HostMemory>,
+        offset: u64,
+        size: u64,
+        gmem: std::os::fd::BorrowedFd<'_>,
+        gmem_offset: u64,
+    ) -> Result<Outcome, Error> {
+        use std::os::fd::AsRawFd;
+        if offset.checked_add(size).is_none_or(|end| end > mem.size()) {
+            return Err(Error::OutsideMapping { offset, size, len: mem.size() });
+        }
+        if !self.mem_hooks().is_registered(mem) {
+            return Err(Error::NotRegistered { addr: mem.addr() });
+        }
+        let region = UserMemoryRegion2 {
+            guest_memfd_offset: gmem_offset,
+            guest_memfd: u32::try_from(gmem.as_raw_fd()).unwrap_or(u32::MAX),
+            ..UserMemoryRegion2::from(UserMemoryRegion::new(
+                slot,
+                flags | memslots::KVM_MEM_GUEST_MEMFD,
+                gpa,
+                size,
+                mem.addr() + offset,
+            ))
+        };
+        Ok(self.vm.set_user_memory_region2(&region)?)
+    }
+
+    /// Discards guest memory `[gpa, gpa + len)` of address space `as_id` (a
+    /// balloon inflating): the host pages behind it are given back
+    /// ([`HostMemory::discard`]: a hole punched in a shared memfd or file,
+    /// `MADV_DONTNEED`), then every layer drops what it derived from that
+    /// host range ([`Vm::invalidate_hva_range`], the MMU notifier's
+    /// `kvm_unmap_gfn_range`; the kernel's own MMU notifier does the same
+    /// for KVM). The guest reads zeros there afterwards. Holes in the range
+    /// are skipped; `gpa` and `len` must be page aligned. Returns the bytes
+    /// discarded.
+    pub fn discard(&self, as_id: u16, gpa: u64, len: u64) -> Result<u64, Error> {
+        let page = memslots::PAGE_SIZE;
+        if gpa % page != 0 || len % page != 0 || gpa.checked_add(len).is_none() {
+            return Err(Error::Discard(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("discard range {gpa:#x}+{len:#x} is not page aligned or wraps"),
+            )));
+        }
+        // Collect the backed pieces inside one section, then act outside it
+        // (invalidation takes its own section; the backing `Arc`s keep the
+        // mappings alive meanwhile).
+        let mut pieces = Vec::new();
+        {
+            let g = self.vm.read();
+            let (first, end) = (gpa >> memslots::PAGE_SHIFT, (gpa + len) >> memslots::PAGE_SHIFT);
+            let mut gfn = first;
+            while gfn < end {
+                let Some(s) = g.gfn_to_memslot(as_id, gfn) else {
+                    gfn += 1;
+                    continue;
+                };
+                let stop = end.min(s.end_gfn());
+                if let (Some(b), false) = (s.arch().0.as_ref(), s.is_invalid()) {
+                    let off = b.offset() as u64 + ((gfn - s.base_gfn) << memslots::PAGE_SHIFT);
+                    pieces.push((Arc::clone(b.memory()), off, (stop - gfn) << memslots::PAGE_SHIFT));
+                }
+                gfn = stop;
+            }
+        }
+        let mut done = 0;
+        for (mem, off, n) in pieces {
+            let (o, l) = (usize::try_from(off), usize::try_from(n));
+            let (Ok(o), Ok(l)) = (o, l) else { continue };
+            mem.discard(o, l).map_err(Error::Discard)?;
+            self.vm.invalidate_hva_range(mem.addr() + off, mem.addr() + off + n);
+            done += n;
+        }
+        Ok(done)
     }
 
     /// Deletes slot `slot` (`as_id << 16 | id`). Its mapping stays alive for
@@ -339,28 +551,30 @@ impl GuestMemory {
     /// unbacked slot, `None` if there is no such slot.
     pub fn slot_backing(&self, slot: u32) -> Option<SlotData> {
         let SlotId { as_id, id } = SlotId::from_raw(slot);
-        self.vm.read().id_to_memslot(as_id, id).map(|s| s.arch().clone())
+        self.vm.read().id_to_memslot(as_id, id).map(|s| s.arch().0.clone())
     }
 
     /// A vCPU handle: accesses through it use its current address space and
-    /// its memslot cache, and dirty pages go to its dirty ring when rings are on.
-    pub fn vcpu(&self) -> GuestVcpu<'_> {
-        GuestVcpu { vcpu: self.vm.vcpu(), ring_full: Cell::new(false), lost_marks: Cell::new(0) }
+    /// its memslot cache, and dirty pages go to its dirty ring when rings
+    /// are on. It is owned (`'static + Send`: move it into a vCPU thread)
+    /// and keeps the VM alive.
+    pub fn vcpu(&self) -> GuestVcpu<H> {
+        GuestVcpu { vcpu: self.vm.vcpu_owned(), ring_full: Cell::new(false), lost_marks: Cell::new(0) }
     }
 }
 
 /// A vCPU of a [`GuestMemory`]: a [`memslots::Vcpu`] (reachable through
 /// `Deref`, e.g. for [`set_address_space`](Vcpu::set_address_space)) plus
 /// the dirty-ring state its writes produce.
-pub struct GuestVcpu<'a> {
-    pub(crate) vcpu: Vcpu<'a, MemHooks>,
+pub struct GuestVcpu<H: ArchHooks = NoArch> {
+    pub(crate) vcpu: Vcpu<'static, MemLayers<H>>,
     /// A mark reached the ring's soft limit, or found it full.
     pub(crate) ring_full: Cell<bool>,
     /// Marks not recorded because the ring was full.
     pub(crate) lost_marks: Cell<u64>,
 }
 
-impl std::fmt::Debug for GuestVcpu<'_> {
+impl<H: ArchHooks> std::fmt::Debug for GuestVcpu<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestVcpu")
             .field("vcpu", &self.vcpu)
@@ -370,9 +584,9 @@ impl std::fmt::Debug for GuestVcpu<'_> {
     }
 }
 
-impl<'a> GuestVcpu<'a> {
+impl<H: ArchHooks> GuestVcpu<H> {
     /// The memslots vCPU handle.
-    pub fn vcpu(&self) -> &Vcpu<'a, MemHooks> {
+    pub fn vcpu(&self) -> &Vcpu<'_, MemLayers<H>> {
         &self.vcpu
     }
 
@@ -403,15 +617,16 @@ impl<'a> GuestVcpu<'a> {
     }
 }
 
-impl<'a> std::ops::Deref for GuestVcpu<'a> {
-    type Target = Vcpu<'a, MemHooks>;
+impl<H: ArchHooks> std::ops::Deref for GuestVcpu<H> {
+    type Target = Vcpu<'static, MemLayers<H>>;
     fn deref(&self) -> &Self::Target {
         &self.vcpu
     }
 }
 
-impl std::ops::DerefMut for GuestVcpu<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.vcpu
+impl<H: ArchHooks> GuestVcpu<H> {
+    /// Switches the vCPU's current address space ([`Vcpu::set_address_space`]).
+    pub fn set_address_space(&mut self, as_id: u16) -> Result<(), memslots::Error> {
+        self.vcpu.set_address_space(as_id)
     }
 }

@@ -675,6 +675,57 @@ impl HostMemory {
         Some(())
     }
 
+    /// Gives the host pages of `[offset, offset + len)` back (a balloon's
+    /// discard): in a shared mapping of a file (memfd or file) a hole is
+    /// punched in the file, so the pages are freed, not only unmapped; and the range is dropped from this
+    /// mapping (`MADV_DONTNEED`; `MADV_REMOVE` for shared anonymous
+    /// memory). The range reads as zeros afterwards, except in a private
+    /// mapping of a file that has data there (it reads the file). The
+    /// mapping stays mapped and valid, so this is safe while the guest and
+    /// other threads access it. `offset` and `len` must be page aligned and
+    /// inside the mapping (`InvalidInput`); hugetlb mappings are refused
+    /// (`Unsupported`: a hole punched in one may leave later faults without
+    /// a huge page, a `SIGBUS`).
+    pub fn discard(&self, offset: usize, len: usize) -> io::Result<()> {
+        let page = usize::try_from(memslots::PAGE_SIZE).unwrap_or(4096);
+        if offset % page != 0 || len % page != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range must be page aligned"));
+        }
+        let p = self
+            .ptr_at(offset, len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "discard range is not inside the mapping"))?;
+        if self.is_hugetlb() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "discard of hugetlb memory"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(f) = self.file.as_ref().filter(|_| self.shared) {
+            let start = self.file_offset + offset as u64;
+            let (start, n) = (i64::try_from(start), i64::try_from(len));
+            let (Ok(start), Ok(n)) = (start, n) else {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range overflows a file offset"));
+            };
+            // SAFETY: fallocate on a file we hold; punching a hole keeps the
+            // size (no seal is broken) and the mapping stays valid.
+            let r = unsafe {
+                libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, start, n)
+            };
+            if r != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let advice = if self.file.is_none() && self.shared { libc::MADV_REMOVE } else { libc::MADV_DONTNEED };
+        // SAFETY: `[p, p + len)` is inside our live mapping (checked by
+        // `ptr_at`); dropping its pages keeps it mapped (later accesses fault
+        // in zero pages or the file's), and no Rust reference covers it.
+        let r = unsafe { libc::madvise(p.cast(), len, advice) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Fills `[offset, offset + len)` with `byte`; `None` if out of bounds.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Option<()> {
         let p = self.ptr_at(offset, len)?;

@@ -28,7 +28,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use memslots::{SlotDesc, Vm, PAGE_SHIFT};
+use memslots::{ArchHooks, NoArch, SlotDesc, PAGE_SHIFT};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice, BS};
 use vm_memory::guest_memory::Result as GmResult;
 use vm_memory::{
@@ -36,21 +36,21 @@ use vm_memory::{
     GuestMemoryRegionBytes, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::guest::{GuestMemory, MemHooks, Slot};
+use crate::guest::{ClearOnDelete, GuestMemory, MemLayers, MemVm, Slot};
 use crate::host::HostMemory;
 
 /// The dirty log of one memslot, as a vm-memory [`Bitmap`]: region-relative
 /// byte offsets are slot-relative, so page `offset >> 12` of the slot is
 /// marked in the memslots dirty log (bitmap) of the slot with this id and
 /// host address.
-pub struct SlotDirtyLog {
-    vm: Arc<Vm<MemHooks>>,
+pub struct SlotDirtyLog<H: ArchHooks = NoArch> {
+    vm: Arc<MemVm<H>>,
     as_id: u16,
     id: u16,
     hva: u64,
 }
 
-impl std::fmt::Debug for SlotDirtyLog {
+impl<H: ArchHooks> std::fmt::Debug for SlotDirtyLog<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SlotDirtyLog")
             .field("as_id", &self.as_id)
@@ -60,21 +60,24 @@ impl std::fmt::Debug for SlotDirtyLog {
     }
 }
 
-impl SlotDirtyLog {
+impl<H: ArchHooks> SlotDirtyLog<H> {
     /// Runs `f` on the current slot with this id if it is still the same
     /// memory (same host address), inside a read section.
-    fn with_slot<R>(&self, f: impl FnOnce(&memslots::ReadGuard<'_, MemHooks>, &Slot) -> R) -> Option<R> {
+    fn with_slot<R>(
+        &self,
+        f: impl FnOnce(&memslots::ReadGuard<'_, MemLayers<H>>, &Slot<H::SlotData>) -> R,
+    ) -> Option<R> {
         let g = self.vm.read();
         let slot = g.id_to_memslot(self.as_id, self.id)?;
         (slot.userspace_addr == self.hva).then(|| f(&g, slot))
     }
 }
 
-impl<'a> WithBitmapSlice<'a> for SlotDirtyLog {
-    type S = SlotDirtySlice<'a>;
+impl<'a, H: ArchHooks> WithBitmapSlice<'a> for SlotDirtyLog<H> {
+    type S = SlotDirtySlice<'a, H>;
 }
 
-impl Bitmap for SlotDirtyLog {
+impl<H: ArchHooks> Bitmap for SlotDirtyLog<H> {
     fn mark_dirty(&self, offset: usize, len: usize) {
         if len == 0 {
             return;
@@ -96,25 +99,37 @@ impl Bitmap for SlotDirtyLog {
         self.with_slot(|_, slot| slot.dirty_bitmap().is_some_and(|b| rel < slot.npages && b.test(rel))).unwrap_or(false)
     }
 
-    fn slice_at(&self, offset: usize) -> SlotDirtySlice<'_> {
+    fn slice_at(&self, offset: usize) -> SlotDirtySlice<'_, H> {
         SlotDirtySlice { log: self, base: offset }
     }
 }
 
 /// A [`SlotDirtyLog`] from a byte offset on ([`BitmapSlice`]).
-#[derive(Clone, Copy, Debug)]
-pub struct SlotDirtySlice<'a> {
-    log: &'a SlotDirtyLog,
+pub struct SlotDirtySlice<'a, H: ArchHooks = NoArch> {
+    log: &'a SlotDirtyLog<H>,
     base: usize,
 }
 
-impl<'a> WithBitmapSlice<'_> for SlotDirtySlice<'a> {
-    type S = SlotDirtySlice<'a>;
+impl<H: ArchHooks> std::fmt::Debug for SlotDirtySlice<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotDirtySlice").field("log", self.log).field("base", &self.base).finish()
+    }
 }
 
-impl BitmapSlice for SlotDirtySlice<'_> {}
+impl<H: ArchHooks> Clone for SlotDirtySlice<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<H: ArchHooks> Copy for SlotDirtySlice<'_, H> {}
 
-impl Bitmap for SlotDirtySlice<'_> {
+impl<'a, H: ArchHooks> WithBitmapSlice<'_> for SlotDirtySlice<'a, H> {
+    type S = SlotDirtySlice<'a, H>;
+}
+
+impl<H: ArchHooks> BitmapSlice for SlotDirtySlice<'_, H> {}
+
+impl<H: ArchHooks> Bitmap for SlotDirtySlice<'_, H> {
     fn mark_dirty(&self, offset: usize, len: usize) {
         self.log.mark_dirty(self.base.saturating_add(offset), len);
     }
@@ -128,9 +143,8 @@ impl Bitmap for SlotDirtySlice<'_> {
 
 /// One memslot as a vm-memory region: guest range, host mapping, dirty log.
 // `repr(C)`: what every access reads comes first, in one cache line.
-#[derive(Debug)]
 #[repr(C)]
-pub struct MemslotsRegion {
+pub struct MemslotsRegion<H: ArchHooks = NoArch> {
     start: GuestAddress,
     len: usize,
     /// Address of the region's first byte in `mem` (its provenance exposed),
@@ -139,12 +153,24 @@ pub struct MemslotsRegion {
     /// Byte offset of the slot's first page in `mem`.
     offset: usize,
     mem: Arc<HostMemory>,
-    dirty: SlotDirtyLog,
+    dirty: SlotDirtyLog<H>,
     desc: SlotDesc,
     file_offset: Option<FileOffset>,
 }
 
-impl MemslotsRegion {
+impl<H: ArchHooks> std::fmt::Debug for MemslotsRegion<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemslotsRegion")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .field("offset", &self.offset)
+            .field("mem", &self.mem)
+            .field("desc", &self.desc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: ArchHooks> MemslotsRegion<H> {
     /// The host pointer of region byte `off` (`off <= len`): inside the
     /// mapping, or one past its end, as `offset + len <= mem.len()` was
     /// checked when the region was built.
@@ -173,8 +199,8 @@ impl MemslotsRegion {
     }
 }
 
-impl GuestMemoryRegion for MemslotsRegion {
-    type B = SlotDirtyLog;
+impl<H: ArchHooks> GuestMemoryRegion for MemslotsRegion<H> {
+    type B = SlotDirtyLog<H>;
 
     fn len(&self) -> GuestUsize {
         self.len as GuestUsize
@@ -184,7 +210,7 @@ impl GuestMemoryRegion for MemslotsRegion {
         self.start
     }
 
-    fn bitmap(&self) -> BS<'_, SlotDirtyLog> {
+    fn bitmap(&self) -> BS<'_, SlotDirtyLog<H>> {
         self.dirty.slice_at(0)
     }
 
@@ -200,7 +226,11 @@ impl GuestMemoryRegion for MemslotsRegion {
         self.file_offset.as_ref()
     }
 
-    fn get_slice(&self, offset: MemoryRegionAddress, count: usize) -> GmResult<VolatileSlice<'_, SlotDirtySlice<'_>>> {
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> GmResult<VolatileSlice<'_, SlotDirtySlice<'_, H>>> {
         let off = usize::try_from(offset.raw_value()).map_err(|_| GuestMemoryError::InvalidBackendAddress)?;
         if off > self.len || count > self.len - off {
             return Err(GuestMemoryError::InvalidBackendAddress);
@@ -218,20 +248,29 @@ impl GuestMemoryRegion for MemslotsRegion {
     }
 }
 
-impl GuestMemoryRegionBytes for MemslotsRegion {}
+impl<H: ArchHooks> GuestMemoryRegionBytes for MemslotsRegion<H> {}
 
 /// A [`GuestMemoryBackend`] over the slots of one address space as they were
 /// when it was taken (see the [module docs](self)).
-#[derive(Debug)]
-pub struct MemslotsSnapshot {
+pub struct MemslotsSnapshot<H: ArchHooks = NoArch> {
     as_id: u16,
     generation: u64,
-    regions: Vec<Arc<MemslotsRegion>>,
+    regions: Vec<Arc<MemslotsRegion<H>>>,
     /// Start address of each region, contiguous for the search.
     starts: Vec<u64>,
 }
 
-impl MemslotsSnapshot {
+impl<H: ArchHooks> std::fmt::Debug for MemslotsSnapshot<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemslotsSnapshot")
+            .field("as_id", &self.as_id)
+            .field("generation", &self.generation)
+            .field("regions", &self.regions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: ArchHooks> MemslotsSnapshot<H> {
     /// The address space.
     pub fn as_id(&self) -> u16 {
         self.as_id
@@ -241,26 +280,26 @@ impl MemslotsSnapshot {
         self.generation
     }
     /// The regions, in guest address order.
-    pub fn regions(&self) -> &[Arc<MemslotsRegion>] {
+    pub fn regions(&self) -> &[Arc<MemslotsRegion<H>>] {
         &self.regions
     }
 }
 
-impl GuestMemoryBackend for MemslotsSnapshot {
-    type R = MemslotsRegion;
+impl<H: ArchHooks> GuestMemoryBackend for MemslotsSnapshot<H> {
+    type R = MemslotsRegion<H>;
 
     fn num_regions(&self) -> usize {
         self.regions.len()
     }
 
-    fn find_region(&self, addr: GuestAddress) -> Option<&MemslotsRegion> {
+    fn find_region(&self, addr: GuestAddress) -> Option<&MemslotsRegion<H>> {
         let a = addr.raw_value();
         let i = floor_index(&self.starts, a)?;
         let r = &*self.regions[i];
         (a - r.start.raw_value() < r.len as u64).then_some(r)
     }
 
-    fn iter(&self) -> impl Iterator<Item = &MemslotsRegion> {
+    fn iter(&self) -> impl Iterator<Item = &MemslotsRegion<H>> {
         self.regions.iter().map(|r| &**r)
     }
 }
@@ -285,11 +324,11 @@ fn floor_index(v: &[u64], x: u64) -> Option<usize> {
     Some(base)
 }
 
-impl GuestMemory {
+impl<H: ArchHooks> GuestMemory<H> {
     /// A vm-memory view of the current slots of address space `as_id` (valid,
     /// backed slots). It does not see later changes, and keeps its mappings
     /// alive while it lives.
-    pub fn snapshot(&self, as_id: u16) -> Arc<MemslotsSnapshot> {
+    pub fn snapshot(&self, as_id: u16) -> Arc<MemslotsSnapshot<H>> {
         let vm = self.vm_arc();
         let g = vm.read();
         // Read the generation before the slots: if a publish races, the
@@ -299,7 +338,7 @@ impl GuestMemory {
             .slots(as_id)
             .filter(|s| !s.is_invalid())
             .filter_map(|s| {
-                let b = s.arch().as_ref()?;
+                let b = s.arch().0.as_ref()?;
                 let len = usize::try_from(s.size()).ok()?;
                 // The hook only attaches a mapping that contains the slot; checked anyway.
                 let host = b.memory().ptr_at(b.offset(), len)?.expose_provenance();
@@ -322,25 +361,61 @@ impl GuestMemory {
         Arc::new(MemslotsSnapshot { as_id, generation, regions, starts })
     }
 
-    /// A vm-memory [`GuestAddressSpace`] over address space `as_id`.
-    pub fn address_space(&self, as_id: u16) -> MemslotsAddressSpace {
-        MemslotsAddressSpace { mem: self.clone(), as_id, cache: Arc::new(Mutex::new(None)) }
+    /// A vm-memory [`GuestAddressSpace`] over address space `as_id`. Its
+    /// cached snapshot is dropped when a slot of the VM is deleted (after
+    /// the delete's grace period), so it never keeps a deleted slot's
+    /// mapping alive on its own.
+    pub fn address_space(&self, as_id: u16) -> MemslotsAddressSpace<H> {
+        let cache: Arc<SnapshotCache<H>> = Arc::new(SnapshotCache(Mutex::new(None)));
+        let weak: std::sync::Weak<dyn ClearOnDelete> = Arc::downgrade(&(Arc::clone(&cache) as Arc<dyn ClearOnDelete>));
+        self.mem_hooks().add_cache(weak);
+        MemslotsAddressSpace { mem: self.clone(), as_id, cache }
+    }
+}
+
+/// The snapshot a [`MemslotsAddressSpace`] (and its clones) reuse.
+struct SnapshotCache<H: ArchHooks>(Mutex<Option<Arc<MemslotsSnapshot<H>>>>);
+
+impl<H: ArchHooks> ClearOnDelete for SnapshotCache<H> {
+    fn clear(&self, as_id: u16) {
+        let mut c = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if c.as_ref().is_some_and(|s| s.as_id == as_id) {
+            // Dropped after the lock is released: the last reference to a
+            // mapping unmaps it.
+            let old = c.take();
+            drop(c);
+            drop(old);
+        }
     }
 }
 
 /// A [`GuestAddressSpace`] over one address space of a [`GuestMemory`]:
 /// [`memory()`](GuestAddressSpace::memory) returns a snapshot of the current
 /// slots, reused while the memslot generation is unchanged. Clones share the cache.
-#[derive(Clone, Debug)]
-pub struct MemslotsAddressSpace {
-    mem: GuestMemory,
+pub struct MemslotsAddressSpace<H: ArchHooks = NoArch> {
+    mem: GuestMemory<H>,
     as_id: u16,
-    cache: Arc<Mutex<Option<Arc<MemslotsSnapshot>>>>,
+    cache: Arc<SnapshotCache<H>>,
 }
 
-impl MemslotsAddressSpace {
+impl<H: ArchHooks> std::fmt::Debug for MemslotsAddressSpace<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemslotsAddressSpace")
+            .field("mem", &self.mem)
+            .field("as_id", &self.as_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: ArchHooks> Clone for MemslotsAddressSpace<H> {
+    fn clone(&self) -> Self {
+        MemslotsAddressSpace { mem: self.mem.clone(), as_id: self.as_id, cache: Arc::clone(&self.cache) }
+    }
+}
+
+impl<H: ArchHooks> MemslotsAddressSpace<H> {
     /// The guest memory.
-    pub fn guest_memory(&self) -> &GuestMemory {
+    pub fn guest_memory(&self) -> &GuestMemory<H> {
         &self.mem
     }
     /// The address space.
@@ -349,12 +424,12 @@ impl MemslotsAddressSpace {
     }
 }
 
-impl GuestAddressSpace for MemslotsAddressSpace {
-    type M = MemslotsSnapshot;
-    type T = Arc<MemslotsSnapshot>;
+impl<H: ArchHooks> GuestAddressSpace for MemslotsAddressSpace<H> {
+    type M = MemslotsSnapshot<H>;
+    type T = Arc<MemslotsSnapshot<H>>;
 
-    fn memory(&self) -> Arc<MemslotsSnapshot> {
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+    fn memory(&self) -> Arc<MemslotsSnapshot<H>> {
+        let mut cache = self.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.mem.vm().generation(self.as_id);
         if let Some(s) = cache.as_ref() {
             if Some(s.generation) == now {

@@ -518,7 +518,7 @@ fn differential_against_a_model() {
 fn unbacked_slot_accounting() {
     let mem = gm();
     let a = anon(&mem, 4 * PG, 0x66);
-    let hooks = mem.vm().hooks();
+    let hooks = mem.mem_hooks();
     let unbacked = |id: u32, gpa: u64| UserMemoryRegion::new(id, 0, gpa, PG, 0x20_0000_0000 + u64::from(id) * PG);
     mem.set_region(0, 0, 0, &a, 0, PG).unwrap();
     assert_eq!(hooks.unbacked_slots(), 0);

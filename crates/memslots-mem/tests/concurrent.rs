@@ -159,7 +159,7 @@ fn readers_see_old_or_new_never_garbage() {
             }
         });
     });
-    assert_eq!(mem.vm().hooks().unbacked_slots(), 0);
+    assert_eq!(mem.mem_hooks().unbacked_slots(), 0);
     let k = generations.load(Ordering::Relaxed);
     let ok = ok_reads.load(Ordering::Relaxed);
     eprintln!("{k} generations, {ok} full reads ok, {} failed cleanly", failed_reads.load(Ordering::Relaxed));

@@ -32,6 +32,11 @@ pub struct Config {
     pub readonly_mem: bool,
     /// The VM has private memory: `KVM_MEM_GUEST_MEMFD` is accepted (v2 only).
     pub private_mem: bool,
+    /// `KVM_MEM_GUEST_MEMFD` is accepted on this VM even without private
+    /// memory: a kernel built with `CONFIG_KVM_GUEST_MEMFD` (it reports
+    /// `KVM_CAP_GUEST_MEMFD` on a default VM) takes guest_memfd slots on
+    /// default VMs too. Off by default; `memslots_kvm::host_config` probes it.
+    pub guest_memfd: bool,
     /// Highest guest frame a slot may reach (x86: `kvm_mmu_max_gfn()`, from
     /// the host's physical address width). Checked by the x86 arch prepare
     /// step, after the overlap check.
@@ -59,6 +64,7 @@ impl Config {
             user_addr_limit: X86_64_USER_ADDR_LIMIT,
             readonly_mem: true,
             private_mem: false,
+            guest_memfd: false,
             max_gfn: Self::max_gfn_for_phys_bits(48),
             dirty_ring_rsvd_entries: 64,
         }
@@ -94,6 +100,13 @@ impl Config {
     #[must_use]
     pub const fn with_private_mem(mut self, private: bool) -> Self {
         self.private_mem = private;
+        self
+    }
+
+    /// Accepts `KVM_MEM_GUEST_MEMFD` on a VM without private memory (see [`Config::guest_memfd`]).
+    #[must_use]
+    pub const fn with_guest_memfd(mut self, yes: bool) -> Self {
+        self.guest_memfd = yes;
         self
     }
 

@@ -109,7 +109,7 @@ mod update;
 pub mod vcpu;
 pub mod vm;
 
-pub use arch::{ArchHooks, NoArch, SlotDraft};
+pub use arch::{ArchHooks, Layered, NoArch, SlotDraft};
 pub use config::{Config, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE};
 pub use dirty::DirtyBitmap;
 pub use dirty_log::{KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};

@@ -82,7 +82,7 @@ impl<H: ArchHooks> Vm<H> {
     /// `check_memory_region_flags`.
     fn check_flags(&self, mem: &UserMemoryRegion2) -> Result<(), Error> {
         let mut valid = KVM_MEM_LOG_DIRTY_PAGES;
-        if self.config.private_mem {
+        if self.config.private_mem || self.config.guest_memfd {
             valid |= KVM_MEM_GUEST_MEMFD;
         }
         // Dirty logging of private memory is not supported.

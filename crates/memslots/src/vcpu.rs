@@ -58,6 +58,10 @@ pub struct Vcpu<'a, H: ArchHooks> {
     cache: Cell<Cache<H::SlotData>>,
     id: u32,
     pub(crate) ring: Option<alloc::sync::Arc<crate::ring::DirtyRing>>,
+    /// For an owned handle ([`Vm::vcpu_owned`]): the VM `vm` points into,
+    /// kept alive (and at the same address) for as long as the handle.
+    /// Released after `Drop::drop` unregistered the record.
+    _owner: Option<alloc::sync::Arc<Vm<H>>>,
 }
 
 // SAFETY: the cached pointer is only dereferenced inside a read section after
@@ -96,7 +100,30 @@ impl<H: ArchHooks> Vm<H> {
             cache: Cell::new(Cache::EMPTY),
             id,
             ring,
+            _owner: None,
         }
+    }
+
+    /// An owned vCPU handle (`'static + Send`: it moves into a vCPU thread):
+    /// [`vcpu`](Self::vcpu) holding a reference count on the VM.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// let vm = Arc::new(memslots::Vm::new(memslots::Config::default())?);
+    /// let vcpu = vm.vcpu_owned();
+    /// std::thread::spawn(move || vcpu.gfn_to_hva(0).is_err()).join().unwrap();
+    /// # Ok::<(), memslots::Error>(())
+    /// ```
+    pub fn vcpu_owned(self: &alloc::sync::Arc<Self>) -> Vcpu<'static, H> {
+        // SAFETY: the `Arc` stored in `_owner` keeps the VM alive, at this
+        // address, for as long as the handle; the `'static` borrow never
+        // leaves the handle with a longer lifetime than the handle itself
+        // (`Vcpu::vm` and the guards borrow from `&self`), and `Drop::drop`
+        // uses it before the fields (the `Arc`) are dropped.
+        let vm: &'static Vm<H> = unsafe { &*alloc::sync::Arc::as_ptr(self) };
+        let mut v = vm.vcpu();
+        v._owner = Some(alloc::sync::Arc::clone(self));
+        v
     }
 }
 
@@ -108,7 +135,7 @@ impl<H: ArchHooks> Drop for Vcpu<'_, H> {
 
 impl<'a, H: ArchHooks> Vcpu<'a, H> {
     /// The VM.
-    pub fn vm(&self) -> &'a Vm<H> {
+    pub fn vm(&self) -> &Vm<H> {
         self.vm
     }
 

@@ -199,6 +199,8 @@ impl<H: ArchHooks> Vm<H> {
 
 impl<H: ArchHooks> Drop for Vm<H> {
     fn drop(&mut self) {
+        // kvm_destroy_vm: the arch hook runs before the memslots are freed.
+        self.hooks.destroy_vm();
         for space in self.spaces.iter_mut() {
             space.both_mut(|a, b| {
                 a.clear();
