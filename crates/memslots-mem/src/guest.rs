@@ -88,6 +88,8 @@ pub struct MemHooks {
     /// Snapshot caches to drop when a slot is deleted, so a deleted slot's
     /// mapping is not kept alive by a cache nobody refreshes.
     caches: Mutex<Vec<Weak<dyn ClearOnDelete>>>,
+    /// Test hook: the next prepare fails with this errno (0: none).
+    inject: std::sync::atomic::AtomicI32,
     /// Unbacked slots that readers may see: incremented when such a slot is
     /// prepared (before it is published), decremented when its deletion is
     /// committed (after the grace period that hides it). While it is zero,
@@ -124,6 +126,12 @@ impl MemHooks {
     /// Whether unbacked slots are refused ([`strict`](Self::strict)).
     pub fn is_strict(&self) -> bool {
         self.strict
+    }
+
+    /// Fault injection for tests: the next prepare step of a slot change
+    /// fails in this layer with `errno` (before any later layer sees it).
+    pub fn inject_prepare_failure(&self, errno: Errno) {
+        self.inject.store(errno.0, Ordering::Release);
     }
 
     pub(crate) fn add_cache(&self, cache: Weak<dyn ClearOnDelete>) {
@@ -202,6 +210,10 @@ impl ArchHooks for MemHooks {
         old: Option<&MemorySlot<SlotData>>,
         new: Option<&mut SlotDraft<SlotData>>,
     ) -> Result<(), Errno> {
+        let injected = self.inject.swap(0, Ordering::AcqRel);
+        if injected != 0 {
+            return Err(Errno(injected));
+        }
         if let Some(new) = new {
             new.arch = match (change, old) {
                 // Same host range as the old slot (KVM refuses to change it):
