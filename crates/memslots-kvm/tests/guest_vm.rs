@@ -273,7 +273,7 @@ fn guest_device_and_vmm_writes_meet_in_one_dirty_log_in_every_mode() {
         let guest_pages: Vec<u64> = (16..40).collect();
         let table: Vec<u8> = guest_pages
             .iter()
-            .map(|p| u16::try_from(p * PAGE >> 4).unwrap())
+            .map(|p| u16::try_from((p * PAGE) >> 4).unwrap())
             .chain([0])
             .flat_map(u16::to_le_bytes)
             .collect();
@@ -288,18 +288,16 @@ fn guest_device_and_vmm_writes_meet_in_one_dirty_log_in_every_mode() {
         // The vCPU runs in its own thread (the handle is owned and Send) ...
         let guest = std::thread::spawn(move || {
             let mut vcpu = vcpu;
-            loop {
-                match vcpu.run().unwrap() {
-                    VcpuExit::Hlt => break,
-                    other => panic!("unexpected exit {other:?}"),
-                }
+            match vcpu.run().unwrap() {
+                VcpuExit::Hlt => {}
+                other => panic!("unexpected exit {other:?}"),
             }
         });
         // ... while a device thread writes through the vm-memory traits ...
         let space = vm.address_space(0);
         let device = std::thread::spawn(move || {
-            for p in 100..110u64 {
-                space.memory().write_obj(0xd0_u32 + p as u32, GuestAddress(p * PAGE + 8)).unwrap();
+            for p in 100..110u32 {
+                space.memory().write_obj(0xd0 + p, GuestAddress(u64::from(p) * PAGE + 8)).unwrap();
             }
         });
         // ... and the VMM writes through the library.
