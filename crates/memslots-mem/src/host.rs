@@ -726,6 +726,32 @@ impl HostMemory {
         Ok(())
     }
 
+    /// For each page of `[offset, offset + len)` (page aligned, inside the
+    /// mapping), whether it is resident (`mincore`): a page that is not was
+    /// never written (or was discarded) and reads as zero in an anonymous
+    /// or memfd mapping. A migration's first round or a snapshot sends only
+    /// these.
+    pub fn resident_pages(&self, offset: usize, len: usize) -> io::Result<Vec<bool>> {
+        let page = usize::try_from(memslots::PAGE_SIZE).unwrap_or(4096);
+        if offset % page != 0 || len % page != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range must be page aligned"));
+        }
+        let p = self
+            .ptr_at(offset, len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range is not inside the mapping"))?;
+        let mut vec = vec![0u8; len / page];
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: `[p, p + len)` is inside our live mapping (checked by
+        // `ptr_at`) and page aligned; `vec` has one byte per page.
+        let r = unsafe { libc::mincore(p.cast(), len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
+    }
+
     /// Fills `[offset, offset + len)` with `byte`; `None` if out of bounds.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Option<()> {
         let p = self.ptr_at(offset, len)?;
