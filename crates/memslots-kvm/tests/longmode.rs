@@ -1,7 +1,8 @@
 //! The long-mode helper on a plain kvm-ioctls VM (no memslots types): CPL3
 //! programs write pages and report through I/O exits, exceptions reach the
-//! CPL0 handlers, the identity map reaches a slot at 4 GiB, the dirtying
-//! program is fast, and the ELF wrapper loads with linux-loader.
+//! CPL0 handlers, the identity map reaches slots at 4 GiB and just below
+//! 16 GiB, the dirtying program is fast, and the ELF wrapper loads with
+//! linux-loader.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 const LOW_SIZE: u64 = 64 << 20;
 const HIGH_GPA: u64 = 4 << 30;
 const HIGH_SIZE: u64 = 2 << 20;
+/// The last 2 MiB of the default 16 GiB identity map.
+const TOP_GPA: u64 = (16 << 30) - (2 << 20);
 const CODE_GPA: u64 = 0x40_0000;
 const STACK_TOP: u64 = 0x3F_F000;
 const DATA_GPA: u64 = 0x100_0000;
@@ -74,13 +77,15 @@ impl Drop for Anon {
     }
 }
 
-/// A VM with 64 MiB of RAM at gpa 0 (slot 0) and 2 MiB at 4 GiB (slot 1).
+/// A VM with 64 MiB of RAM at gpa 0 (slot 0), 2 MiB at 4 GiB (slot 1) and
+/// 2 MiB at 16 GiB - 2 MiB (slot 2, the top of the default identity map).
 struct TestVm {
     vcpu: VcpuFd,
     vm: VmFd,
     kvm: Kvm,
     low: Anon,
     high: Anon,
+    top: Anon,
     layout: LongModeLayout,
 }
 
@@ -90,8 +95,9 @@ impl TestVm {
         let vm = kvm.create_vm().expect("create_vm");
         let low = Anon::new(LOW_SIZE);
         let high = Anon::new(HIGH_SIZE);
+        let top = Anon::new(HIGH_SIZE);
         let flags = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-        for (slot, gpa, m) in [(0, 0, &low), (1, HIGH_GPA, &high)] {
+        for (slot, gpa, m) in [(0, 0, &low), (1, HIGH_GPA, &high), (2, TOP_GPA, &top)] {
             let r = kvm_userspace_memory_region {
                 slot,
                 flags,
@@ -104,19 +110,23 @@ impl TestVm {
         }
         let vcpu = vm.create_vcpu(0).expect("create_vcpu");
         let layout = LongModeLayout { entry, ..LongModeLayout::default() };
-        let t = TestVm { vcpu, vm, kvm, low, high, layout };
+        let t = TestVm { vcpu, vm, kvm, low, high, top, layout };
         write_boot_area(&t.layout, |gpa, b| t.write(gpa, b)).expect("write_boot_area");
         t
     }
     fn write(&self, gpa: u64, b: &[u8]) -> std::io::Result<()> {
-        if gpa >= HIGH_GPA {
+        if gpa >= TOP_GPA {
+            self.top.write(gpa - TOP_GPA, b)
+        } else if gpa >= HIGH_GPA {
             self.high.write(gpa - HIGH_GPA, b)
         } else {
             self.low.write(gpa, b)
         }
     }
     fn read_u64(&self, gpa: u64) -> u64 {
-        if gpa >= HIGH_GPA {
+        if gpa >= TOP_GPA {
+            self.top.read_u64(gpa - TOP_GPA)
+        } else if gpa >= HIGH_GPA {
             self.high.read_u64(gpa - HIGH_GPA)
         } else {
             self.low.read_u64(gpa)
@@ -150,6 +160,12 @@ fn fill_writes_pages_and_reports(entry: Entry) {
         assert_eq!(t.read_u64(HIGH_GPA + 0x1000 + p * 8192), 0xABCD, "high page {p}");
         assert_eq!(t.read_u64(HIGH_GPA + p * 8192), 0, "high page {p} gap");
     }
+
+    // And the last page below 16 GiB.
+    let last = TOP_GPA + HIGH_SIZE - 4096;
+    t.start(&fill_once_program(), [last, 1, u64::from(REPORT_PORT), 4096, 0xF00D, 0]);
+    assert_eq!(t.run(), GuestExit::Io { port: REPORT_PORT, data: 1 });
+    assert_eq!(t.read_u64(last), 0xF00D);
 }
 
 #[test]
