@@ -8,6 +8,7 @@ pub mod guest_vm;
 pub mod host;
 pub mod kdirty;
 pub mod kernel;
+pub mod longmode;
 pub mod sys;
 
 pub use backend::{new_kvm_guest_vm, new_kvm_vm, KvmHooks, KvmVcpu, KvmVm};
