@@ -61,3 +61,5 @@ impl fmt::Debug for Errno {
         fmt::Display::fmt(self, f)
     }
 }
+
+impl core::error::Error for Errno {}
