@@ -1,5 +1,5 @@
 //! [`KvmGuestVm`]: one VM for the whole VMM job — guest memory, the KVM
-//! backend and an optional user layer on **one** memslots [`Vm`].
+//! backend and an optional user layer on **one** memslots [`Vm`](memslots::Vm).
 //!
 //! The layers, in the order every slot change reaches them
 //! ([`memslots::Layered`], see DESIGN.md "Layers"):
