@@ -140,6 +140,16 @@ impl<U: ArchHooks> KvmGuestVm<U> {
         self.kvm_hooks().kernel_fd()
     }
 
+    /// `KVM_CREATE_GUEST_MEMFD`: a guest_memfd of `size` bytes for this VM,
+    /// for [`set_region_guest_memfd`](GuestMemory::set_region_guest_memfd).
+    pub fn create_guest_memfd(&self, size: u64) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        let gmem = kvm_bindings::kvm_create_guest_memfd { size, ..Default::default() };
+        let fd = self.vm_fd().create_guest_memfd(gmem).map_err(std::io::Error::from)?;
+        // SAFETY: the kernel just returned this fd and nothing else owns it.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// The KVM layer (ioctl counts, fault injection).
     pub fn kvm_hooks(&self) -> &KvmHooks {
         &self.mem.inner().inner

@@ -350,3 +350,28 @@ fn is_mapped(addr: u64) -> bool {
         s <= addr && addr < e
     })
 }
+
+#[test]
+fn a_guest_memfd_slot_through_the_guest_memory_layer() {
+    if skip("a_guest_memfd_slot_through_the_guest_memory_layer") {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let vm = KvmGuestVm::new().unwrap();
+    if !vm.vm().config().guest_memfd {
+        return eprintln!("SKIP a_guest_memfd_slot_through_the_guest_memory_layer: no guest_memfd on default VMs here");
+    }
+    let shared = vm.map_memfd("shared", 2 * MIB, &MapOptions::new()).unwrap();
+    let gmem = vm.create_guest_memfd(4 * MIB).unwrap();
+    vm.set_region_guest_memfd(0, 0, 0, &shared, 0, 2 * MIB, gmem.as_fd(), 2 * MIB).unwrap();
+    let d = vm.vm().id_to_slot_desc(0, 0).unwrap();
+    assert_eq!(d.guest_memfd.map(|g| g.offset), Some(2 * MIB));
+    assert!(vm.slot_backing(0).unwrap().is_some(), "the shared half is backed by the mapping");
+    // The shared half is accessible through the library.
+    vm.write_obj(0, 0x1000, 7u64).unwrap();
+    assert_eq!(vm.read_obj::<u64>(0, 0x1000).unwrap(), 7);
+    // GUEST_MEMFD slots cannot log dirty pages (KVM's check_memory_region_flags).
+    let e = vm.set_region_guest_memfd(1, KVM_MEM_LOG_DIRTY_PAGES, 4 * MIB, &shared, 0, MIB, gmem.as_fd(), 0);
+    assert_eq!(e.unwrap_err().errno(), Errno::EINVAL);
+    vm.delete_region(0).unwrap();
+}

@@ -490,17 +490,8 @@ impl<H: ArchHooks> GuestMemory<H> {
         if !self.mem_hooks().is_registered(mem) {
             return Err(Error::NotRegistered { addr: mem.addr() });
         }
-        let region = UserMemoryRegion2 {
-            guest_memfd_offset: gmem_offset,
-            guest_memfd: u32::try_from(gmem.as_raw_fd()).unwrap_or(u32::MAX),
-            ..UserMemoryRegion2::from(UserMemoryRegion::new(
-                slot,
-                flags | memslots::KVM_MEM_GUEST_MEMFD,
-                gpa,
-                size,
-                mem.addr() + offset,
-            ))
-        };
+        let fd = u32::try_from(gmem.as_raw_fd()).unwrap_or(u32::MAX);
+        let region = UserMemoryRegion2::with_guest_memfd(slot, flags, gpa, size, mem.addr() + offset, fd, gmem_offset);
         Ok(self.vm.set_user_memory_region2(&region)?)
     }
 

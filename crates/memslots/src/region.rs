@@ -72,6 +72,42 @@ impl UserMemoryRegion {
     }
 }
 
+impl UserMemoryRegion2 {
+    /// A v2 request for `slot` (raw `as_id << 16 | id`) without guest_memfd.
+    pub const fn new(slot: u32, flags: u32, guest_phys_addr: u64, memory_size: u64, userspace_addr: u64) -> Self {
+        UserMemoryRegion2 {
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            guest_memfd_offset: 0,
+            guest_memfd: 0,
+            pad1: 0,
+            pad2: [0; 14],
+        }
+    }
+
+    /// A v2 request whose private memory is `memory_size` bytes of the
+    /// guest_memfd `fd` from `offset` (`KVM_MEM_GUEST_MEMFD` is added to
+    /// `flags`); the shared half maps `userspace_addr`.
+    pub const fn with_guest_memfd(
+        slot: u32,
+        flags: u32,
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+        fd: u32,
+        offset: u64,
+    ) -> Self {
+        let mut r =
+            UserMemoryRegion2::new(slot, flags | KVM_MEM_GUEST_MEMFD, guest_phys_addr, memory_size, userspace_addr);
+        r.guest_memfd = fd;
+        r.guest_memfd_offset = offset;
+        r
+    }
+}
+
 /// A slot's address: address space and id within it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotId {
