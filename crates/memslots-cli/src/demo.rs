@@ -1,21 +1,52 @@
-//! `memslots demo`: a tiny guest on the host's KVM whose RAM is 193 slots
-//! created through the library; prints what the guest wrote (read back
+//! `memslots demo`: a tiny guest on the host's KVM whose RAM is 193 slots of
+//! one memslots VM ([`KvmGuestVm`]: guest memory and KVM layers); prints what the guest wrote (read back
 //! through the library), the dirty pages harvested through it, and what the
 //! vCPU sees while the host deletes and moves a slot under it.
 
 use anyhow::{bail, Context, Result};
-use memslots::UserMemoryRegion;
+use memslots::KVM_MEM_LOG_DIRTY_PAGES;
 use memslots_kvm::guest::{
-    loop_program, read_guest_u16, run_loop, writer_program, Guest, LoopEvent, Mapping, DATA_SLOTS, DATA_SLOT_BASE,
+    loop_program, run_loop, writer_program, LoopEvent, BOOT_GPA, BOOT_SIZE, DATA_GPA, DATA_SLOTS, DATA_SLOT_BASE,
     MMIO_VALUE,
 };
-use memslots_kvm::kdirty::{sync_dirty_log, KernelDirtyMode};
+use memslots_kvm::{KvmGuestVm, KvmVcpu};
+use memslots_mem::{HostMemory, MapOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+fn data_gpa(i: u32) -> u64 {
+    DATA_GPA + u64::from(i) * 4096
+}
+
 fn seg(i: u32) -> u16 {
-    u16::try_from(Guest::data_gpa(i) >> 4).unwrap_or(0)
+    u16::try_from(data_gpa(i) >> 4).unwrap_or(0)
+}
+
+/// One VM (guest memory + KVM, [`KvmGuestVm`]) with a boot slot holding
+/// `code` at 0x1000 and `table` at 0x2000, `DATA_SLOTS` 4 KiB data slots
+/// over one memfd, and a real-mode vCPU at 0x1000.
+fn guest(code: &[u8], table: &[u16], flags: u32) -> Result<(KvmGuestVm, KvmVcpu, Arc<HostMemory>)> {
+    let vm = KvmGuestVm::new().context("creating the KVM VM")?;
+    let boot = vm.map_memfd("boot", BOOT_SIZE, &MapOptions::new())?;
+    let data = vm.map_memfd("data", u64::from(DATA_SLOTS) * 4096, &MapOptions::new())?;
+    vm.set_region(0, 0, BOOT_GPA, &boot, 0, BOOT_SIZE)?;
+    for i in 0..DATA_SLOTS {
+        vm.set_region(DATA_SLOT_BASE + i, flags, data_gpa(i), &data, u64::from(i) * 4096, 4096)?;
+    }
+    vm.write(0, 0x1000, code)?;
+    let t: Vec<u8> = table.iter().chain([&0u16]).flat_map(|s| s.to_le_bytes()).collect();
+    vm.write(0, 0x2000, &t)?;
+    let vcpu = vm.create_vcpu(0)?;
+    let mut sregs = vcpu.get_sregs()?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs)?;
+    let mut regs = vcpu.get_regs()?;
+    regs.rip = 0x1000;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs)?;
+    Ok((vm, vcpu, data))
 }
 
 pub(crate) fn run() -> Result<()> {
@@ -24,39 +55,37 @@ pub(crate) fn run() -> Result<()> {
     }
     let written = [3u32, 17, 42, 99, 150, 191];
     let table: Vec<u16> = written.iter().map(|&i| seg(i)).collect();
-    let mut g = Guest::new(&writer_program(), &table, true, KernelDirtyMode::Bitmap).context("creating the guest")?;
+    let (vm, mut vcpu, _data) = guest(&writer_program(), &table, KVM_MEM_LOG_DIRTY_PAGES)?;
     println!(
-        "guest RAM: 1 boot slot + {DATA_SLOTS} data slots of 4 KiB, created through memslots (KVM backend, {} ioctls)",
-        g.vm.hooks().ioctls()
+        "guest RAM: 1 boot slot + {DATA_SLOTS} data slots of 4 KiB on one memslots VM (guest memory + KVM layers, {} \
+ioctls)",
+        vm.kvm_hooks().ioctls()
     );
-    g.run_to_hlt(10_000).context("running the writer program")?;
+    match vcpu.run().context("running the writer program")? {
+        kvm_ioctls::VcpuExit::Hlt => {}
+        other => bail!("unexpected vCPU exit {other:?}"),
+    }
     println!("phase 1: the guest wrote 0xBEEF and its segment to {} pages, then halted", written.len());
     for &i in &written {
-        let gpa = Guest::data_gpa(i);
-        // SAFETY: the Guest owns every slot's host memory while it lives.
-        let (a, b) = unsafe { (read_guest_u16(&g.vm, gpa), read_guest_u16(&g.vm, gpa + 2)) };
-        println!(
-            "  gpa {gpa:#07x} (slot {:>3}): {:#06x} {:#06x}   read through vm.gfn_to_hva",
-            DATA_SLOT_BASE + i,
-            a.unwrap_or(0),
-            b.unwrap_or(0)
-        );
+        let gpa = data_gpa(i);
+        let (a, b) = (vm.read_obj::<u16>(0, gpa)?, vm.read_obj::<u16>(0, gpa + 2)?);
+        println!("  gpa {gpa:#07x} (slot {:>3}): {a:#06x} {b:#06x}   read through the library", DATA_SLOT_BASE + i);
     }
     let mut dirty = Vec::new();
     for i in 0..DATA_SLOTS {
-        sync_dirty_log(&g.vm, DATA_SLOT_BASE + i, KernelDirtyMode::Bitmap).map_err(|e| anyhow::anyhow!("sync: {e}"))?;
-        if g.vm.get_dirty_log_vec(DATA_SLOT_BASE + i)?.iter().any(|&w| w != 0) {
-            dirty.push(Guest::data_gpa(i) >> 12);
+        let log = vm.harvest_dirty_log(DATA_SLOT_BASE + i).map_err(|e| anyhow::anyhow!("harvest: {e}"))?;
+        if log.iter().any(|&w| w != 0) {
+            dirty.push(data_gpa(i) >> 12);
         }
     }
-    let want: Vec<u64> = written.iter().map(|&i| Guest::data_gpa(i) >> 12).collect();
+    let want: Vec<u64> = written.iter().map(|&i| data_gpa(i) >> 12).collect();
     let gfns: Vec<String> = dirty.iter().map(|g| format!("{g:#x}")).collect();
     println!(
-        "  dirty pages harvested (the kernel's dirty log merged into the library's bitmaps): gfns {} -> {}",
+        "  dirty pages harvested (the kernel's dirty log merged into the library's, one call per slot): gfns {} -> {}",
         gfns.join(", "),
         if dirty == want { "exactly the pages written" } else { "NOT the pages written" }
     );
-    drop(g);
+    drop((vm, vcpu));
 
     println!("phase 2: the guest loops reading gpa X, reporting it on port 0x10, incrementing X+2");
     println!(
@@ -65,15 +94,12 @@ before a change took effect count too. A read or write that finds no slot exits 
 answers MMIO reads with {MMIO_VALUE:#06x}, which the guest then reports."
     );
     let k = 10u32;
-    let gpa = Guest::data_gpa(k);
-    let fresh = Mapping::new(4096)?;
-    fresh.write(0, &0x2222u16.to_le_bytes())?;
-    let g = Guest::new(&loop_program(seg(k)), &[], false, KernelDirtyMode::Bitmap)?;
-    // The Guest's VM maps only memory it owns: hand it `fresh` too.
-    g.vm.hooks().attach(&fresh)?;
+    let gpa = data_gpa(k);
+    let (vm, mut vcpu, data) = guest(&loop_program(seg(k)), &[], 0)?;
+    let fresh = vm.map_memfd("fresh", 4096, &MapOptions::new())?;
+    fresh.write_at(0, &0x2222u16.to_le_bytes()).context("fresh page")?;
     let off = usize::try_from(u64::from(k) * 4096)?;
-    g.data.write(off, &0x1111u16.to_le_bytes())?;
-    let Guest { vm, mut vcpu, data, .. } = g;
+    data.write_at(off, &0x1111u16.to_le_bytes()).context("data page")?;
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel();
     let slot = DATA_SLOT_BASE + k;
@@ -101,23 +127,27 @@ answers MMIO reads with {MMIO_VALUE:#06x}, which the guest then reports."
             Ok(())
         };
         step(&format!("slot {slot} at gpa {gpa:#x} holds 0x1111"), 20, LoopEvent::Read(0x1111))?;
-        vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 0, data.hva() + u64::from(k) * 4096))?;
-        let counter = || data.read_u16(off + 2).context("counter outside the data mapping");
+        vm.delete_region(slot)?;
+        let counter = || -> Result<u16> {
+            let mut b = [0u8; 2];
+            data.read_at(off + 2, &mut b).context("counter outside the data mapping")?;
+            Ok(u16::from_le_bytes(b))
+        };
         let frozen = counter()?;
         step(&format!("slot {slot} deleted while the vCPU runs"), 20, LoopEvent::MmioRead(gpa))?;
         println!("  the old memory's counter stayed at {frozen} (now {}): the guest no longer reaches it", counter()?);
-        vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 4096, fresh.hva()))?;
+        vm.set_region(slot, 0, gpa, &fresh, 0, 4096)?;
         step("recreated on new memory holding 0x2222", 20, LoopEvent::Read(0x2222))?;
-        vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, 0xE_0000, 4096, fresh.hva()))?;
+        vm.set_region(slot, 0, 0xE_0000, &fresh, 0, 4096)?;
         step("moved to gpa 0xe0000 (the old range now exits as MMIO)", 20, LoopEvent::MmioRead(gpa))?;
-        vm.set_user_memory_region(&UserMemoryRegion::new(slot, 0, gpa, 4096, fresh.hva()))?;
+        vm.set_region(slot, 0, gpa, &fresh, 0, 4096)?;
         step(&format!("moved back to gpa {gpa:#x} (the new memory again)"), 20, LoopEvent::Read(0x2222))?;
         stop.store(true, Ordering::SeqCst);
         drop(rx);
         runner.join().map_err(|_| anyhow::anyhow!("vCPU thread panicked"))??;
         Ok(())
     })?;
-    match vm.generation(0) {
+    match vm.vm().generation(0) {
         Some(g) => println!(
             "demo finished: address space 0 is at generation {g} (each slot change publishes a new memslot set and \
 moves the generation on; vCPU caches tagged with an older one are refilled)"
