@@ -191,7 +191,7 @@ fn ring(c: &mut Criterion) {
                 vm.harvest_dirty_rings(|_, e| {
                     black_box(e);
                 });
-                vm.reset_dirty_rings();
+                vm.reset_dirty_rings().unwrap();
                 left -= n;
             }
             total

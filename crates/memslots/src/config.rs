@@ -41,6 +41,9 @@ pub struct Config {
     /// the host's physical address width). Checked by the x86 arch prepare
     /// step, after the overlap check.
     pub max_gfn: u64,
+    /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` is offered (arm64 only: x86 does
+    /// not select `HAVE_KVM_DIRTY_RING_WITH_BITMAP`). Off in [`Config::x86_64`].
+    pub ring_with_bitmap: bool,
     /// Dirty ring entries kept back for the soft limit (KVM_DIRTY_RING_RSVD_ENTRIES
     /// plus the arch's dirty log size: x86 with PML adds 512).
     pub dirty_ring_rsvd_entries: u32,
@@ -65,6 +68,7 @@ impl Config {
             readonly_mem: true,
             private_mem: false,
             guest_memfd: false,
+            ring_with_bitmap: false,
             max_gfn: Self::max_gfn_for_phys_bits(48),
             dirty_ring_rsvd_entries: 64,
         }
@@ -96,10 +100,22 @@ impl Config {
         self
     }
 
-    /// Marks the VM as having private memory: GUEST_MEMFD accepted, one address space (x86).
+    /// Marks the VM as having private memory: GUEST_MEMFD accepted, and
+    /// one address space (x86's `kvm_arch_nr_memslot_as_ids` has no SMM
+    /// address space for private-memory VMs).
     #[must_use]
     pub const fn with_private_mem(mut self, private: bool) -> Self {
         self.private_mem = private;
+        if private {
+            self.nr_address_spaces = 1;
+        }
+        self
+    }
+
+    /// Offers `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (an arm64-like host; see [`Config::ring_with_bitmap`]).
+    #[must_use]
+    pub const fn with_ring_with_bitmap(mut self, yes: bool) -> Self {
+        self.ring_with_bitmap = yes;
         self
     }
 
@@ -115,6 +131,9 @@ impl Config {
         let bad = |what: &'static str| Err(Error::BadConfig { what });
         if self.nr_address_spaces == 0 || self.nr_address_spaces > 64 {
             return bad("nr_address_spaces must be 1..=64");
+        }
+        if self.private_mem && self.nr_address_spaces != 1 {
+            return bad("a VM with private memory has one address space (x86)");
         }
         if self.user_slots == 0 || self.user_slots > self.mem_slots_num {
             return bad("user_slots must be 1..=mem_slots_num");

@@ -88,7 +88,12 @@ impl<H: ArchHooks> Vm<H> {
     /// 16` entries per vCPU. The size must be a power of two, at least a page
     /// and the reserved entries (EINVAL), at most 65536 entries (E2BIG); it can
     /// be set once, before any vCPU exists (EINVAL).
+    ///
+    /// The kernel takes the size as a `u32` (`kvm_vm_ioctl_enable_dirty_log_ring`):
+    /// only the low 32 bits of `bytes` count, so 2^32 is 0 (EINVAL) and
+    /// 2^32 + 4096 is a 4 KiB ring.
     pub fn enable_dirty_log_ring(&self, bytes: u64) -> Result<(), Error> {
+        let bytes = bytes & u64::from(u32::MAX);
         let bad = |why| Err(Error::BadRingSize { bytes, why });
         if bytes == 0 || !bytes.is_power_of_two() {
             return bad("not a power of two");
@@ -119,6 +124,9 @@ impl<H: ArchHooks> Vm<H> {
     /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`: keep dirty bitmaps while rings
     /// are on (for pages dirtied without a vCPU). Requires rings and no slots.
     pub fn enable_dirty_log_ring_with_bitmap(&self) -> Result<(), Error> {
+        if !self.config.ring_with_bitmap {
+            return Err(Error::RingWithBitmapUnsupported);
+        }
         if self.dirty_ring_bytes.load(Ordering::Acquire) == 0 {
             return Err(Error::BadRingSize { bytes: 0, why: "ring-with-bitmap needs dirty rings" });
         }
@@ -147,11 +155,15 @@ impl<H: ArchHooks> Vm<H> {
     }
 
     /// `KVM_RESET_DIRTY_RINGS`: frees every collected entry of every ring, in
-    /// order; returns how many. Takes the writer lock, as KVM takes
+    /// order; returns how many. `EINVAL` ([`Error::NoDirtyRings`]) if rings
+    /// are not enabled, as the kernel. Takes the writer lock, as KVM takes
     /// `slots_lock`: not from inside a read section.
-    pub fn reset_dirty_rings(&self) -> u64 {
+    pub fn reset_dirty_rings(&self) -> Result<u64, Error> {
+        if self.dirty_ring_bytes.load(Ordering::Acquire) == 0 {
+            return Err(Error::NoDirtyRings);
+        }
         let _w = self.lock_writer();
-        self.rings().iter().map(|r| r.reset()).sum()
+        Ok(self.rings().iter().map(|r| r.reset()).sum())
     }
 
     /// The rings, copied out of the vCPU registry. The registry lock is a leaf

@@ -14,6 +14,9 @@ pub enum IllegalChange {
     ReadonlyFlag,
     /// The request carries `KVM_MEM_GUEST_MEMFD`: private slots can only be deleted.
     GuestMemfd,
+    /// `KVM_MEM_GUEST_MEMFD` cleared on a private slot (the kernel refuses
+    /// `(flags ^ old) & (READONLY | GUEST_MEMFD)`).
+    GuestMemfdFlag,
 }
 
 /// Errors of memslot and dirty-log operations.
@@ -203,6 +206,13 @@ pub enum Error {
     /// Readers keep a consistent view of the last published set.
     #[error("a slot change panicked in an arch hook; the VM accepts no more slot changes")]
     Poisoned,
+    /// `KVM_RESET_DIRTY_RINGS` or a ring harvest on a VM without dirty rings.
+    #[error("dirty rings are not enabled on this VM")]
+    NoDirtyRings,
+    /// `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` is not offered by this
+    /// architecture (x86: only arm64 selects `HAVE_KVM_DIRTY_RING_WITH_BITMAP`).
+    #[error("dirty rings with bitmaps are not supported on this architecture")]
+    RingWithBitmapUnsupported,
     /// Dirty ring larger than 65536 entries.
     #[error("dirty ring size {bytes} bytes exceeds 65536 entries")]
     RingTooBig {

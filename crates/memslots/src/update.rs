@@ -172,6 +172,9 @@ impl<H: ArchHooks> Vm<H> {
                 if (mem.flags ^ old.flags) & KVM_MEM_READONLY != 0 {
                     return illegal(IllegalChange::ReadonlyFlag);
                 }
+                if (mem.flags ^ old.flags) & KVM_MEM_GUEST_MEMFD != 0 {
+                    return illegal(IllegalChange::GuestMemfdFlag);
+                }
                 if base_gfn != old.base_gfn {
                     MemoryChange::Move
                 } else if mem.flags != old.flags {

@@ -142,6 +142,19 @@ fn ring_size_rules() {
     let vm = Vm::new(Config::default()).unwrap();
     let _v = vm.vcpu();
     assert_eq!(errno(vm.enable_dirty_log_ring(4096)), Errno::EINVAL, "not after a vCPU exists");
+    // The kernel takes the size as a u32: 2^32 is 0, 2^32 + 4096 a 4 KiB ring.
+    let vm = Vm::new(Config::default()).unwrap();
+    assert_eq!(errno(vm.enable_dirty_log_ring(1 << 32)), Errno::EINVAL, "2^32 is 0 as a u32");
+    vm.enable_dirty_log_ring((1 << 32) + 4096).unwrap();
+    assert_eq!(vm.dirty_ring_bytes(), 4096);
+}
+
+#[test]
+fn reset_dirty_rings_without_rings_is_einval() {
+    let vm = Vm::new(Config::default()).unwrap();
+    assert_eq!(vm.reset_dirty_rings().map_err(|e| e.errno()), Err(Errno::EINVAL));
+    vm.enable_dirty_log_ring(4096).unwrap();
+    assert_eq!(vm.reset_dirty_rings(), Ok(0));
 }
 
 #[test]
@@ -169,7 +182,7 @@ fn ring_state_machine_and_full_signals() {
     assert_eq!(v0.mark_page_dirty(256), DirtyMark::RingFull, "no free entry: not recorded");
     assert_eq!(v1.mark_page_dirty(9), DirtyMark::Marked, "other vCPUs have their own rings");
     // Reset before harvest frees nothing.
-    assert_eq!(vm.reset_dirty_rings(), 0);
+    assert_eq!(vm.reset_dirty_rings(), Ok(0));
     let mut got = Vec::new();
     assert_eq!(vm.harvest_dirty_rings(|vcpu, e| got.push((vcpu, e))), 257);
     let want: Vec<(u32, RingEntry)> = (0..256u64)
@@ -178,7 +191,7 @@ fn ring_state_machine_and_full_signals() {
         .collect();
     assert_eq!(got, want, "entries in push order, per vCPU");
     assert_eq!(vm.harvest_dirty_rings(|_, _| panic!("already collected")), 0);
-    assert_eq!(vm.reset_dirty_rings(), 257);
+    assert_eq!(vm.reset_dirty_rings(), Ok(257));
     assert!(!v0.dirty_ring().unwrap().soft_full());
     assert_eq!(v0.mark_page_dirty(256), DirtyMark::Marked, "ring reusable after reset");
     let mut again = Vec::new();
@@ -187,8 +200,18 @@ fn ring_state_machine_and_full_signals() {
 }
 
 #[test]
+fn ring_with_bitmap_is_not_offered_on_x86() {
+    let vm = Vm::new(Config::x86_64()).unwrap();
+    vm.enable_dirty_log_ring(4096).unwrap();
+    assert_eq!(errno(vm.enable_dirty_log_ring_with_bitmap()), Errno::EINVAL, "x86: arm64 only");
+    // Bitmap ioctls stay off (ENXIO), as on the kernel.
+    set(&vm, 0, LOG, 0, 0x10_0000).unwrap();
+    assert_eq!(errno(vm.get_dirty_log_vec(0)), Errno::ENXIO);
+}
+
+#[test]
 fn ring_with_bitmap() {
-    let vm = Vm::new(Config::default()).unwrap();
+    let vm = Vm::new(Config::default().with_ring_with_bitmap(true)).unwrap();
     assert_eq!(errno(vm.enable_dirty_log_ring_with_bitmap()), Errno::EINVAL, "needs rings");
     vm.enable_dirty_log_ring(4096).unwrap();
     vm.enable_dirty_log_ring_with_bitmap().unwrap();
@@ -200,7 +223,7 @@ fn ring_with_bitmap() {
     let mut got = Vec::new();
     vm.harvest_dirty_rings(|_, e| got.push(e.offset));
     assert_eq!(got, vec![4]);
-    let vm2 = Vm::new(Config::default()).unwrap();
+    let vm2 = Vm::new(Config::default().with_ring_with_bitmap(true)).unwrap();
     vm2.enable_dirty_log_ring(4096).unwrap();
     set(&vm2, 0, 0, 0, 0x1000).unwrap();
     assert_eq!(errno(vm2.enable_dirty_log_ring_with_bitmap()), Errno::EINVAL, "only without slots");
@@ -416,7 +439,7 @@ fn no_write_lost_with_dirty_rings() {
     let harvest = || {
         let mut got = Vec::new();
         vm.harvest_dirty_rings(|_, e| got.push((e.slot, e.offset)));
-        vm.reset_dirty_rings();
+        vm.reset_dirty_rings().unwrap();
         harvested.lock().unwrap().extend(got);
     };
     let (marks, soft_fulls): (Vec<Vec<(u32, u64)>>, Vec<u64>) = std::thread::scope(|sc| {

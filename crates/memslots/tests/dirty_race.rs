@@ -164,7 +164,7 @@ fn run(path: Path) -> Tally {
             match path {
                 Path::Ring => {
                     vm.harvest_dirty_rings(|_, _| {});
-                    vm.reset_dirty_rings();
+                    vm.reset_dirty_rings().unwrap();
                     ring_entries.clear();
                 }
                 _ => {

@@ -50,7 +50,7 @@ fn vcpu_creation_in_a_section_races_a_writer_and_a_ring_reset() {
     {
         let (vm, done) = (Arc::clone(&vm), done_tx);
         std::thread::spawn(move || {
-            vm.reset_dirty_rings();
+            vm.reset_dirty_rings().unwrap();
             done.send("reset").unwrap();
         });
     }

@@ -63,7 +63,7 @@ fn dirty_bitmaps_and_rings() {
     }
     let mut n = 0;
     vm.harvest_dirty_rings(|_, _| n += 1);
-    assert_eq!((n, vm.reset_dirty_rings()), (10, 10));
+    assert_eq!((n, vm.reset_dirty_rings().unwrap()), (10, 10));
 }
 
 #[test]

@@ -140,7 +140,7 @@ fn dirty(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
         vm.harvest_dirty_rings(|_, e| {
             black_box(e);
         });
-        vm.reset_dirty_rings();
+        let _ = vm.reset_dirty_rings();
     }
     out.push(target("dirty ring push".into(), 1, 10.0, median(pushes), &[]));
     drop(vcpu);

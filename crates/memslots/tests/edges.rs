@@ -1,0 +1,43 @@
+//! KVM 6.18 at the edges (issue 13): rules the kernel enforces that the
+//! library follows. Each was confirmed against this host's /dev/kvm where
+//! the host can exercise it (`crates/memslots-kvm/tests/edges_kvm.rs`).
+
+use memslots::{Config, Errno, UserMemoryRegion2, Vm, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn guest_memfd_accepted_on_default_vms_when_the_host_says_so() {
+    let r = UserMemoryRegion2::with_guest_memfd(0, 0, 0, MIB, 0x10_0000_0000, 7, 0);
+    let plain = Vm::new(Config::default()).unwrap();
+    assert_eq!(plain.set_user_memory_region2(&r).unwrap_err().errno(), Errno::EINVAL);
+    let gmem = Vm::new(Config::default().with_guest_memfd(true)).unwrap();
+    gmem.set_user_memory_region2(&r).unwrap();
+}
+
+#[test]
+fn guest_memfd_cannot_be_cleared_from_a_slot() {
+    let vm = Vm::new(Config::default().with_guest_memfd(true)).unwrap();
+    vm.set_user_memory_region2(&UserMemoryRegion2::with_guest_memfd(0, 0, 0, MIB, 0x10_0000_0000, 7, 0)).unwrap();
+    // Same slot, same size and address, GUEST_MEMFD dropped: the kernel
+    // refuses `(flags ^ old) & (READONLY | GUEST_MEMFD)`.
+    for flags in [0, KVM_MEM_LOG_DIRTY_PAGES] {
+        let r = UserMemoryRegion2::new(0, flags, 0, MIB, 0x10_0000_0000);
+        assert_eq!(vm.set_user_memory_region2(&r).unwrap_err().errno(), Errno::EINVAL, "flags {flags:#x}");
+    }
+    let d = vm.id_to_slot_desc(0, 0).unwrap();
+    assert_eq!(d.flags & KVM_MEM_GUEST_MEMFD, KVM_MEM_GUEST_MEMFD, "still private");
+    // And so dirty logging stays refused: GET is ENOENT.
+    assert_eq!(vm.get_dirty_log_vec(0).unwrap_err().errno(), Errno::ENOENT);
+}
+
+#[test]
+fn private_memory_vms_have_one_address_space() {
+    let c = Config::default().with_private_mem(true);
+    assert_eq!(c.nr_address_spaces, 1);
+    let vm = Vm::new(c).unwrap();
+    assert_eq!(vm.nr_address_spaces(), 1);
+    let mut two = c;
+    two.nr_address_spaces = 2;
+    assert!(Vm::new(two).is_err(), "two address spaces with private memory is not a KVM configuration");
+}
