@@ -96,7 +96,10 @@ fn plug(g: &Guest, slot: u32, r: &Region) -> Res {
     set_slot(&g.vm, slot, 0, r)?;
     let guard = g.mem.lock().map_err(|_| "memory map lock poisoned")?;
     match g.mem.memory().insert_region(Arc::clone(r)) {
-        Ok(map) => Ok(guard.replace(map)),
+        Ok(map) => {
+            guard.replace(map);
+            Ok(())
+        }
         Err(e) => {
             delete_slot(&g.vm, slot)?;
             Err(e.into())
@@ -117,7 +120,12 @@ fn new_guest(kvm: &Kvm) -> Res<(Guest, Vec<Region>)> {
 
 /// Runs the guest until `stop`, counting passes over its pages and pausing
 /// `throttle` ms after each (auto-converge, as QEMU throttles vCPUs).
-fn vcpu_thread(mut vcpu: VcpuFd, stop: Arc<AtomicBool>, passes: Arc<AtomicU64>, throttle: Arc<AtomicU64>) -> Res<VcpuFd> {
+fn vcpu_thread(
+    mut vcpu: VcpuFd,
+    stop: Arc<AtomicBool>,
+    passes: Arc<AtomicU64>,
+    throttle: Arc<AtomicU64>,
+) -> Res<VcpuFd> {
     while !stop.load(Relaxed) {
         match longmode::classify(&vcpu.run()?) {
             GuestExit::Io { port: 0x10, data } => {
@@ -307,15 +315,14 @@ fn run(verbose: bool) -> Res<u64> {
     // Balloon: the destination gives 64 MiB of low RAM back.
     let low = &dst_ram[0];
     let file = low.file_offset().ok_or("low RAM has no file")?;
-    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let (punch, at) = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, i64::try_from(file.start() + 64 * MIB)?);
     // SAFETY: punching a hole in our own memfd only changes its contents (to zero).
-    if unsafe { libc::fallocate(file.file().as_raw_fd(), punch, (file.start() + 64 * MIB) as i64, (64 * MIB) as i64) } != 0 {
+    if unsafe { libc::fallocate(file.file().as_raw_fd(), punch, at, 64 << 20) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: [64 MiB, 128 MiB) lies inside the mapping of `low`; on a shared
     // mapping MADV_DONTNEED only drops page table entries (reads refault from the file).
-    if unsafe { libc::madvise(low.as_ptr().add((64 * MIB) as usize).cast(), (64 * MIB) as usize, libc::MADV_DONTNEED) } != 0
-    {
+    if unsafe { libc::madvise(low.as_ptr().add(64 << 20).cast(), 64 << 20, libc::MADV_DONTNEED) } != 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     if mapped || dst.mem.memory().read_obj::<u64>(GuestAddress(64 * MIB))? != 0 {
