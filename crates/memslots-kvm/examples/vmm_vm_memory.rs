@@ -282,8 +282,8 @@ fn run(verbose: bool) -> Res<u64> {
             mismatched += u64::from(a != b);
         }
     }
-    drop((from, to));
-    // The destination guest resumes where the source stopped.
+    drop((from, to)); // a `memory()` guard keeps its map, and so its regions, alive: unplug needs none
+                      // The destination guest resumes where the source stopped.
     let mut dvcpu = dst.vm.create_vcpu(0)?;
     dvcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?)?;
     dvcpu.set_sregs(&vcpu.get_sregs()?)?;
