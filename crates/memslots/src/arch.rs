@@ -8,7 +8,7 @@
 //! | [`prepare_memory_region`](ArchHooks::prepare_memory_region) | after validation (and, for DELETE/MOVE, after the INVALID copy is live), before the change is visible; an error undoes everything | `kvm_arch_prepare_memory_region` |
 //! | [`commit_memory_region`](ArchHooks::commit_memory_region) | after both sets hold the change | `kvm_arch_commit_memory_region` |
 //! | [`flush_shadow_memslot`](ArchHooks::flush_shadow_memslot) | DELETE/MOVE, once no vCPU can look the old slot up | `kvm_arch_flush_shadow_memslot` |
-//! | [`memslots_updated`](ArchHooks::memslots_updated) | each publish, with the new generation | `kvm_arch_memslots_updated` |
+//! | [`memslots_updated`](ArchHooks::memslots_updated) | each publish, after its grace period, with the new generation *before* it is stored (readers still see the update in progress) | `kvm_arch_memslots_updated` |
 //! | [`unmap_gfn_range`](ArchHooks::unmap_gfn_range) | host memory behind a slot was invalidated ([`Vm::invalidate_hva_range`](crate::Vm::invalidate_hva_range)) | `kvm_unmap_gfn_range` |
 //! | [`abort_memory_region`](ArchHooks::abort_memory_region) | a later layer's prepare failed after this one's succeeded ([`Layered`]) | (none: KVM has one arch layer) |
 //! | [`destroy_vm`](ArchHooks::destroy_vm) | the `Vm` is dropped, before its slots are freed | `kvm_arch_destroy_vm` |

@@ -76,6 +76,13 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     /// KVM's `gfn_to_memslot_approx`: the slot covering `gfn`, else the first
     /// slot above it, else the last slot below it; `None` only if `as_id` has
     /// no slots.
+    ///
+    /// Where no slot covers `gfn`, the kernel returns the last node its
+    /// rbtree search visited, which depends on the tree's shape (its callers,
+    /// e.g. s390's CMMA walk, only need "a slot near `gfn`"). The library
+    /// answers deterministically with the successor (else the predecessor):
+    /// the same slot as the kernel whenever the kernel's search ends on the
+    /// successor, a neighbour on the other side of the hole otherwise.
     pub fn gfn_to_memslot_approx(&self, as_id: u16, gfn: u64) -> Option<&Slot<H>> {
         let e = self.set(as_id)?.search_approx(gfn)?;
         // SAFETY: as in `gfn_to_memslot`.
@@ -115,9 +122,13 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
 
     /// Every slot of `as_id` intersecting gfns `[start, end)`, in gfn order,
     /// in `O(log n + k)` (KVM's `kvm_for_each_memslot_in_gfn_range`).
-    /// An empty range (`start >= end`) yields nothing.
+    ///
+    /// As the kernel's `kvm_memslot_iter_start`, an empty or inverted range
+    /// (`start >= end`) yields the slot containing `start` if its base gfn is
+    /// below `end`, and nothing else: every slot `s` with
+    /// `s.base_gfn < end && s.base_gfn + s.npages > start`.
     pub fn slots_in_gfn_range(&self, as_id: u16, start: u64, end: u64) -> GfnRange<'_, H> {
-        let inner = if start < end { self.set(as_id).map(|s| s.gfn_iter_from(start)) } else { None };
+        let inner = self.set(as_id).map(|s| s.gfn_iter_from(start));
         GfnRange { inner, start, end }
     }
 

@@ -209,9 +209,10 @@ impl<H: ArchHooks> Vm<H> {
     /// Publishes the inactive set of `as_id` and waits for readers of the old one.
     fn swap(&self, as_id: u16) {
         let space = &self.spaces[usize::from(as_id)];
+        // kvm_swap_active_memslots: the arch hook sees the new generation
+        // before it is stored.
         // SAFETY: every caller holds the writer lock.
-        let gen = unsafe { space.swap(&self.srcu) };
-        self.hooks.memslots_updated(as_id, gen);
+        unsafe { space.swap_then(&self.srcu, |gen| self.hooks.memslots_updated(as_id, gen)) };
     }
 
     /// Runs `f` on the inactive set of `as_id`.

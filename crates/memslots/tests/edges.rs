@@ -41,3 +41,34 @@ fn private_memory_vms_have_one_address_space() {
     two.nr_address_spaces = 2;
     assert!(Vm::new(two).is_err(), "two address spaces with private memory is not a KVM configuration");
 }
+
+/// Records, at each `memslots_updated`, the generation passed and the one
+/// the VM shows at that moment.
+#[derive(Debug, Default)]
+struct GenProbe {
+    vm: std::sync::OnceLock<&'static Vm<GenProbe>>,
+    seen: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl memslots::ArchHooks for GenProbe {
+    type SlotData = ();
+    fn memslots_updated(&self, as_id: u16, generation: u64) {
+        let now = self.vm.get().map_or(0, |vm| vm.generation(as_id).unwrap());
+        self.seen.lock().unwrap().push((generation, now));
+    }
+}
+
+#[test]
+fn memslots_updated_runs_before_the_new_generation_is_stored() {
+    let vm: &'static Vm<GenProbe> =
+        Box::leak(Box::new(Vm::with_hooks(Config::default(), GenProbe::default()).unwrap()));
+    vm.hooks().vm.set(vm).unwrap();
+    vm.set_user_memory_region(&memslots::UserMemoryRegion::new(0, 0, 0, MIB, 0x10_0000_0000)).unwrap();
+    let seen = vm.hooks().seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    for (passed, shown) in seen {
+        assert_ne!(shown & memslots::GEN_UPDATE_IN_PROGRESS, 0, "the update is still in progress for readers");
+        assert_ne!(passed, shown & !memslots::GEN_UPDATE_IN_PROGRESS, "the new generation is not yet stored");
+    }
+    assert_eq!(vm.generation(0).unwrap() & memslots::GEN_UPDATE_IN_PROGRESS, 0);
+}

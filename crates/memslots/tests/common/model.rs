@@ -1132,9 +1132,11 @@ fn check_all<H: Harness>(
                     );
                 }
                 prop_assert_eq!(desc(g.gfn_to_memslot_approx(a, gfn)), model.approx(a, gfn), "{}", ctx("approx", gfn));
-                for len in [1u64, 4, 64, u64::MAX] {
-                    let end = gfn.saturating_add(len);
-                    if end > gfn {
+                // Empty and inverted ranges too: KVM's kvm_memslot_iter_start
+                // yields the slot containing `start` if it begins below `end`.
+                let ends = [1u64, 4, 64, u64::MAX].map(|len| gfn.saturating_add(len));
+                for end in ends.into_iter().chain([gfn, gfn.saturating_sub(1), gfn / 2]) {
+                    {
                         let got: Vec<MSlot> = g.slots_in_gfn_range(a, gfn, end).map(|s| MSlot::of(s.desc())).collect();
                         prop_assert_eq!(
                             got,
