@@ -146,6 +146,7 @@ impl<U: ArchHooks> KvmGuestVm<U> {
         use std::os::fd::FromRawFd;
         let gmem = kvm_bindings::kvm_create_guest_memfd { size, ..Default::default() };
         let fd = self.vm_fd().create_guest_memfd(gmem).map_err(std::io::Error::from)?;
+        self.mem.vm().declare_guest_memfd(u32::try_from(fd).unwrap_or(u32::MAX), size);
         // SAFETY: the kernel just returned this fd and nothing else owns it.
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
     }

@@ -111,3 +111,36 @@ fn dirty_ring_enable_and_reset_rules() {
     // Reset with rings and no vCPU: both answer 0.
     assert_eq!(errno(memslots_kvm::sys::reset_dirty_rings(&k)), lib_errno(l.reset_dirty_rings()));
 }
+
+#[test]
+fn guest_memfd_binding_refusals_match_the_kernel() {
+    if skip("guest_memfd_binding_refusals_match_the_kernel") {
+        return;
+    }
+    let k = kernel();
+    let l = Vm::new(host_config().unwrap()).unwrap();
+    let shared = HostMemory::anonymous(8 * MIB, &MapOptions::new()).unwrap();
+    let Ok(fd) = k.create_guest_memfd(kvm_create_guest_memfd { size: 4 * MIB, ..Default::default() }) else {
+        return eprintln!("SKIP: KVM_CREATE_GUEST_MEMFD refused on a default VM here");
+    };
+    let fd = u32::try_from(fd).unwrap();
+    l.declare_guest_memfd(fd, 4 * MIB); // what a backend learns with fstat
+    let r = |slot: u32, off: u64| {
+        UserMemoryRegion2::with_guest_memfd(
+            slot,
+            0,
+            u64::from(slot) * MIB,
+            MIB,
+            shared.addr() + u64::from(slot) * MIB,
+            fd,
+            off,
+        )
+    };
+    assert_eq!(both(&k, &l, &r(0, 0)), (0, 0));
+    assert_eq!(both(&k, &l, &r(1, MIB / 2)), (libc::EINVAL, libc::EINVAL), "#2: overlapping binding");
+    assert_eq!(both(&k, &l, &r(1, 3 * MIB + 4096)), (libc::EINVAL, libc::EINVAL), "#2: past the file's end");
+    assert_eq!(both(&k, &l, &r(1, 1 << 63)), (libc::EINVAL, libc::EINVAL), "#2: negative offset");
+    assert_eq!(both(&k, &l, &r(1, MIB)), (0, 0));
+    assert_eq!(both(&k, &l, &UserMemoryRegion2::new(0, 0, 0, 0, 0)), (0, 0), "delete unbinds");
+    assert_eq!(both(&k, &l, &r(2, 0)), (0, 0), "the range is free again");
+}

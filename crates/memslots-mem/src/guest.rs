@@ -491,6 +491,11 @@ impl<H: ArchHooks> GuestMemory<H> {
             return Err(Error::NotRegistered { addr: mem.addr() });
         }
         let fd = u32::try_from(gmem.as_raw_fd()).unwrap_or(u32::MAX);
+        // The file's size, so the library refuses a binding past its end
+        // before any layer sees it (as kvm_gmem_bind).
+        if let Ok(meta) = gmem.try_clone_to_owned().map(File::from).and_then(|f| f.metadata()) {
+            self.vm.declare_guest_memfd(fd, meta.len());
+        }
         let region = UserMemoryRegion2::with_guest_memfd(slot, flags, gpa, size, mem.addr() + offset, fd, gmem_offset);
         Ok(self.vm.set_user_memory_region2(&region)?)
     }

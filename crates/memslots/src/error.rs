@@ -79,6 +79,20 @@ pub enum Error {
         /// The user address limit.
         limit: u64,
     },
+    /// The guest_memfd binding is refused (`kvm_gmem_bind`): the offset is
+    /// negative as a file offset, the range ends past the file's size, or
+    /// part of it is already bound to another slot.
+    #[error("guest_memfd {fd} range {offset:#x}+{size:#x} cannot be bound: {why}")]
+    GuestMemfdBind {
+        /// The guest_memfd.
+        fd: u32,
+        /// Offset of the slot in the file.
+        offset: u64,
+        /// The slot's size.
+        size: u64,
+        /// Why.
+        why: &'static str,
+    },
     /// guest_memfd offset unaligned or offset + size wraps.
     #[error("guest_memfd offset {offset:#x} (size {size:#x}) is unaligned or wraps")]
     BadGuestMemfdOffset {

@@ -145,7 +145,12 @@ impl<H: ArchHooks> Vm<H> {
             let Some(old) = old else {
                 return Err(Error::DeleteNonexistent { slot: mem.slot });
             };
+            let binding = old.guest_memfd;
             self.set_memslot(w, as_id, Some(old), None, MemoryChange::Delete)?;
+            // kvm_gmem_unbind.
+            if let Some(b) = binding {
+                w.gmem_bound.remove(&(b.fd, b.offset));
+            }
             return Ok(Outcome::Changed(MemoryChange::Delete));
         }
 
@@ -193,6 +198,9 @@ impl<H: ArchHooks> Vm<H> {
             }
         }
 
+        if gmem && change == MemoryChange::Create {
+            Self::check_gmem_bind(w, mem.guest_memfd, mem.guest_memfd_offset, size)?;
+        }
         let desc = SlotDesc {
             base_gfn,
             npages,
@@ -203,7 +211,43 @@ impl<H: ArchHooks> Vm<H> {
             guest_memfd: gmem.then_some(GuestMemfd { fd: mem.guest_memfd, offset: mem.guest_memfd_offset }),
         };
         self.set_memslot(w, as_id, old, Some(desc), change)?;
+        if gmem && change == MemoryChange::Create {
+            let (fd, offset) = (mem.guest_memfd, mem.guest_memfd_offset);
+            w.gmem_bound.insert((fd, offset), (offset + size, mem.slot));
+        }
         Ok(Outcome::Changed(change))
+    }
+
+    /// `kvm_gmem_bind`'s checks the library can make (the file's type and
+    /// owner only the kernel knows): the offset as a file offset, the range
+    /// inside the file's declared size, no other slot bound to part of it.
+    fn check_gmem_bind(w: &WriterState, fd: u32, offset: u64, size: u64) -> Result<(), Error> {
+        let refuse = |why| Err(Error::GuestMemfdBind { fd, offset, size, why });
+        if i64::try_from(offset).is_err() {
+            return refuse("the offset is negative as a file offset");
+        }
+        let end = offset + size; // checked not to wrap before
+        if w.gmem_sizes.get(&fd).is_some_and(|&len| end > len) {
+            return refuse("the range ends past the end of the file");
+        }
+        // Bindings of one file never overlap: only the last one starting
+        // below `end` can reach into the range.
+        if let Some((_, &(bound_end, _))) = w.gmem_bound.range((fd, 0)..(fd, end)).next_back() {
+            if bound_end > offset {
+                return refuse("part of the range is bound to another slot");
+            }
+        }
+        Ok(())
+    }
+
+    /// Declares that guest_memfd `fd` is `size` bytes long, so bindings past
+    /// its end are refused by the library (as `kvm_gmem_bind` does). A
+    /// backend that can `fstat` the file does it for its callers. Replaces
+    /// an earlier declaration; bindings are tracked per fd number, so
+    /// declare again if the number is reused for another file.
+    pub fn declare_guest_memfd(&self, fd: u32, size: u64) {
+        let mut w = self.lock_writer();
+        w.gmem_sizes.insert(fd, size);
     }
 
     /// Publishes the inactive set of `as_id` and waits for readers of the old one.

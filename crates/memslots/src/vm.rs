@@ -19,6 +19,12 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 pub(crate) struct WriterState {
     /// Sum of pages over all slots of all address spaces (`nr_memslot_pages`).
     pub(crate) nr_memslot_pages: u64,
+    /// guest_memfd bindings (`kvm_gmem_bind`): `(fd, first byte)` -> (one
+    /// past the last byte, slot), per file descriptor number.
+    pub(crate) gmem_bound: alloc::collections::BTreeMap<(u32, u64), (u64, u32)>,
+    /// guest_memfd sizes declared by the caller or probed by a backend
+    /// ([`Vm::declare_guest_memfd`]).
+    pub(crate) gmem_sizes: alloc::collections::BTreeMap<u32, u64>,
 }
 
 /// vCPUs created so far and their dirty rings (KVM: `kvm->lock`).

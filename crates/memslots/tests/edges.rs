@@ -72,3 +72,32 @@ fn memslots_updated_runs_before_the_new_generation_is_stored() {
     }
     assert_eq!(vm.generation(0).unwrap() & memslots::GEN_UPDATE_IN_PROGRESS, 0);
 }
+
+#[test]
+fn guest_memfd_bindings_are_checked_per_file() {
+    let vm = Vm::new(Config::default().with_guest_memfd(true)).unwrap();
+    let hva = |i: u64| 0x10_0000_0000 + i * MIB;
+    let bind = |slot: u32, gpa: u64, fd: u32, off: u64| {
+        vm.set_user_memory_region2(&UserMemoryRegion2::with_guest_memfd(
+            slot,
+            0,
+            gpa,
+            MIB,
+            hva(u64::from(slot)),
+            fd,
+            off,
+        ))
+    };
+    vm.declare_guest_memfd(7, 4 * MIB);
+    bind(0, 0, 7, 0).unwrap();
+    let einval = |r: Result<memslots::Outcome, memslots::Error>| r.unwrap_err().errno();
+    assert_eq!(einval(bind(1, MIB, 7, MIB / 2)), Errno::EINVAL, "overlaps slot 0's binding");
+    assert_eq!(einval(bind(1, MIB, 7, 3 * MIB + 4096)), Errno::EINVAL, "past the end of the 4 MiB file");
+    assert_eq!(einval(bind(1, MIB, 7, 1 << 63)), Errno::EINVAL, "negative as a file offset");
+    assert!(vm.id_to_slot_desc(0, 1).is_none(), "nothing was created");
+    bind(1, MIB, 7, MIB).unwrap();
+    bind(2, 2 * MIB, 8, 0).unwrap(); // another file, same offset: fine
+                                     // Deleting unbinds: the range can be bound again.
+    vm.set_user_memory_region2(&UserMemoryRegion2::new(0, 0, 0, 0, 0)).unwrap();
+    bind(3, 3 * MIB, 7, 0).unwrap();
+}
