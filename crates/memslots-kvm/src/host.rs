@@ -52,6 +52,42 @@ pub fn probe_max_gfn() -> Option<u64> {
     None
 }
 
+/// The host's user address limit as KVM's `access_ok` applies it to
+/// `userspace_addr`: `0x7ffffffff000` with 4-level paging, `(1 << 56) -
+/// 0x1000` with 5-level paging. Probed by asking a throwaway VM to record a
+/// one-page slot right at the 4-level limit; `None` without /dev/kvm.
+pub fn probe_user_addr_limit() -> Option<u64> {
+    let kvm = Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let four_level = memslots::config::X86_64_USER_ADDR_LIMIT;
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 0x1000,
+        userspace_addr: four_level,
+    };
+    // SAFETY: a throwaway VM with no vCPU: the kernel records the host
+    // range and never accesses it.
+    let five_level = unsafe { vm.set_user_memory_region(region) }.is_ok();
+    Some(if five_level { (1u64 << 56) - 0x1000 } else { four_level })
+}
+
+/// The dirty ring entries this host's KVM reserves (`kvm_dirty_ring_get_rsvd_entries`:
+/// 64, plus the CPU's dirty-log buffer, 512 with PML on VMX). Probed on a
+/// throwaway VM: a ring of 512 entries is accepted only if at most 512 are
+/// reserved. `None` without rings.
+pub fn probe_dirty_ring_rsvd_entries() -> Option<u32> {
+    let kvm = Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    if vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)) <= 0 {
+        return None;
+    }
+    let mut c = kvm_bindings::kvm_enable_cap { cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING, ..Default::default() };
+    c.args[0] = 512 * 16;
+    Some(if vm.enable_cap(&c).is_ok() { 64 } else { 64 + 512 })
+}
+
 /// Bytes of metadata per 4 KiB guest page that this host's x86 KVM allocates
 /// when a slot is created (`kvm_arch_prepare_memory_region`): 8 for the
 /// rmap (`memslot_rmap_alloc`) unless the TDP MMU is in use (it allocates rmaps
@@ -75,7 +111,9 @@ pub fn slot_metadata_bytes_per_page() -> u64 {
 
 /// The memslot configuration a default VM on this host has: address spaces
 /// (KVM_CAP_MULTI_ADDRESS_SPACE), user slots (KVM_CAP_NR_MEMSLOTS), READONLY
-/// (KVM_CAP_READONLY_MEM), guest_memfd slots (KVM_CAP_GUEST_MEMFD on a
+/// (KVM_CAP_READONLY_MEM), the user address limit ([`probe_user_addr_limit`]),
+/// the dirty ring's reserved entries ([`probe_dirty_ring_rsvd_entries`]),
+/// guest_memfd slots (KVM_CAP_GUEST_MEMFD on a
 /// default VM), and the highest gfn ([`probe_max_gfn`]). `None` if /dev/kvm is absent.
 pub fn host_config() -> Option<Config> {
     let kvm = Kvm::new().ok()?;
@@ -92,6 +130,12 @@ pub fn host_config() -> Option<Config> {
     // A default VM takes guest_memfd slots where the kernel offers guest_memfd.
     if let Ok(vm) = kvm.create_vm() {
         c.guest_memfd = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_GUEST_MEMFD)) > 0;
+    }
+    if let Some(limit) = probe_user_addr_limit() {
+        c.user_addr_limit = limit;
+    }
+    if let Some(rsvd) = probe_dirty_ring_rsvd_entries() {
+        c.dirty_ring_rsvd_entries = rsvd;
     }
     if let Some(max_gfn) = probe_max_gfn() {
         c.max_gfn = max_gfn;

@@ -99,7 +99,7 @@ fn dirty_ring_enable_and_reset_rules() {
     assert_eq!(errno(memslots_kvm::sys::reset_dirty_rings(&k)), libc::EINVAL);
     assert_eq!(lib_errno(l.reset_dirty_rings()), libc::EINVAL, "#5");
     // #6: the size is a u32.
-    for size in [1u64 << 32, (1 << 32) + 4096, 4096, 3 * 4096, 1 << 21] {
+    for size in [1u64 << 32, (1 << 32) + 4096, 4096, 8192, 16384, 3 * 4096, 1 << 21] {
         let (k, l) = (kernel(), Vm::new(config).unwrap());
         assert_eq!(enable_cap(&k, ring, size), lib_errno(l.enable_dirty_log_ring(size)), "#6: ring of {size:#x} bytes");
     }
@@ -143,4 +143,20 @@ fn guest_memfd_binding_refusals_match_the_kernel() {
     assert_eq!(both(&k, &l, &r(1, MIB)), (0, 0));
     assert_eq!(both(&k, &l, &UserMemoryRegion2::new(0, 0, 0, 0, 0)), (0, 0), "delete unbinds");
     assert_eq!(both(&k, &l, &r(2, 0)), (0, 0), "the range is free again");
+}
+
+#[test]
+fn user_address_limit_matches_the_kernel() {
+    if skip("user_address_limit_matches_the_kernel") {
+        return;
+    }
+    let limit = host_config().unwrap().user_addr_limit;
+    let (k, l) = (kernel(), Vm::new(host_config().unwrap()).unwrap());
+    // #10: the last page below the limit is fine, the page at it is not.
+    let below = UserMemoryRegion2::new(0, 0, 0, 0x1000, limit - 0x1000);
+    assert_eq!(both(&k, &l, &below), (0, 0));
+    let at = UserMemoryRegion2::new(1, 0, 0x1000, 0x1000, limit);
+    let (ke, le) = both(&k, &l, &at);
+    assert_eq!(ke, le, "#10: a slot at the probed limit {limit:#x}");
+    assert_eq!(le, libc::EINVAL);
 }
