@@ -93,6 +93,12 @@ pub enum Error {
         /// Why.
         why: &'static str,
     },
+    /// `__x86_set_memory_region` creating an internal slot that exists.
+    #[error("internal slot {id} exists already")]
+    InternalSlotExists {
+        /// The slot id.
+        id: u16,
+    },
     /// guest_memfd offset unaligned or offset + size wraps.
     #[error("guest_memfd offset {offset:#x} (size {size:#x}) is unaligned or wraps")]
     BadGuestMemfdOffset {
@@ -240,7 +246,7 @@ impl Error {
     pub fn errno(&self) -> Errno {
         match self {
             Error::NoDirtyBitmap { .. } => Errno::ENOENT,
-            Error::Overlap { .. } => Errno::EEXIST,
+            Error::Overlap { .. } | Error::InternalSlotExists { .. } => Errno::EEXIST,
             Error::NoMemory { .. } => Errno::ENOMEM,
             Error::Arch(e) => *e,
             Error::DirtyBitmapsUnavailable => Errno::ENXIO,

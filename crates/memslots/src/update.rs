@@ -49,12 +49,47 @@ impl<H: ArchHooks> Vm<H> {
         self.set_memory_region(mem, true)
     }
 
-    /// Like [`set_user_memory_region2`](Self::set_user_memory_region2) but for
-    /// any id below the total number of ids, including the internal slots
-    /// above the user ones (KVM's `__x86_set_memory_region`, used for the APIC
-    /// access page, identity map and TSS).
+    /// KVM's `kvm_set_internal_memslot`: a change of one internal slot (ids
+    /// from [`Config::user_slots`](crate::Config::user_slots) up to the total
+    /// number of ids; lower ids and any flags are `EINVAL`), in the address
+    /// space `mem.slot` names. See [`x86_set_memory_region`](Self::x86_set_memory_region)
+    /// for the x86 caller.
     pub fn set_memory_region_internal(&self, mem: &UserMemoryRegion2) -> Result<Outcome, Error> {
+        let sid = SlotId::from_raw(mem.slot);
+        if sid.id < self.config.user_slots {
+            return Err(Error::SlotIdOutOfRange { slot: mem.slot, id: sid.id, limit: self.config.user_slots });
+        }
+        if mem.flags != 0 {
+            return Err(Error::InvalidFlags { flags: mem.flags, valid: 0 });
+        }
         self.set_memory_region(mem, false)
+    }
+
+    /// x86's `__x86_set_memory_region` (the APIC access page, identity map
+    /// and TSS slots): internal slot `id` at `gpa`, `size` bytes of host
+    /// memory at `hva`, in **every** address space. Creating one that exists
+    /// is `EEXIST`; deleting (`size` 0) one that does not exist succeeds
+    /// (`Unchanged`), and a delete uses the slot's own host address. As in
+    /// the kernel, a failure in address space `i` leaves the spaces before
+    /// it changed.
+    pub fn x86_set_memory_region(&self, id: u16, gpa: u64, size: u64, hva: u64) -> Result<Outcome, Error> {
+        if id >= self.config.mem_slots_num {
+            return Err(Error::SlotIdOutOfRange { slot: u32::from(id), id, limit: self.config.mem_slots_num });
+        }
+        let existing = self.id_to_slot_desc(0, id);
+        let hva = match (size, existing) {
+            (0, None) => return Ok(Outcome::Unchanged),
+            (0, Some(d)) => d.userspace_addr,
+            (_, Some(_)) => return Err(Error::InternalSlotExists { id }),
+            (_, None) => hva,
+        };
+        let mut out = Outcome::Unchanged;
+        for as_id in 0..self.config.nr_address_spaces {
+            let slot = SlotId { as_id, id }.raw();
+            let r = UserMemoryRegion2::new(slot, 0, gpa, size, hva);
+            out = self.set_memory_region_internal(&r)?;
+        }
+        Ok(out)
     }
 
     fn set_memory_region(&self, mem: &UserMemoryRegion2, user: bool) -> Result<Outcome, Error> {

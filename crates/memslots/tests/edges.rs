@@ -101,3 +101,31 @@ fn guest_memfd_bindings_are_checked_per_file() {
     vm.set_user_memory_region2(&UserMemoryRegion2::new(0, 0, 0, 0, 0)).unwrap();
     bind(3, 3 * MIB, 7, 0).unwrap();
 }
+
+#[test]
+fn internal_slots_follow_kvm_set_internal_memslot_and_x86_set_memory_region() {
+    let config = Config::default(); // 2 address spaces, 32764 user ids + 3 internal
+    let vm = Vm::new(config).unwrap();
+    let internal = config.user_slots; // the first internal id
+                                      // kvm_set_internal_memslot: user ids and flags are refused.
+    let user_id = UserMemoryRegion2::new(5, 0, 0, 0x1000, 0x10_0000_0000);
+    assert_eq!(vm.set_memory_region_internal(&user_id).unwrap_err().errno(), Errno::EINVAL);
+    let flagged = UserMemoryRegion2::new(u32::from(internal), KVM_MEM_LOG_DIRTY_PAGES, 0, 0x1000, 0x10_0000_0000);
+    assert_eq!(vm.set_memory_region_internal(&flagged).unwrap_err().errno(), Errno::EINVAL);
+    // __x86_set_memory_region: every address space; EEXIST on re-create.
+    vm.x86_set_memory_region(internal, 0xfee0_0000, 0x1000, 0x10_0000_0000).unwrap();
+    for as_id in 0..2 {
+        let d = vm.id_to_slot_desc(as_id, internal).expect("created in every address space");
+        assert_eq!((d.base_gfn, d.npages, d.userspace_addr), (0xfee00, 1, 0x10_0000_0000));
+    }
+    let again = vm.x86_set_memory_region(internal, 0xfee0_0000, 0x1000, 0x10_0000_0000);
+    assert_eq!(again.unwrap_err().errno(), Errno::EEXIST);
+    // Deleting uses the slot's own hva; deleting an absent one succeeds.
+    assert_eq!(
+        vm.x86_set_memory_region(internal, 0, 0, 0),
+        Ok(memslots::Outcome::Changed(memslots::MemoryChange::Delete))
+    );
+    assert!(vm.id_to_slot_desc(0, internal).is_none() && vm.id_to_slot_desc(1, internal).is_none());
+    assert_eq!(vm.x86_set_memory_region(internal, 0, 0, 0), Ok(memslots::Outcome::Unchanged));
+    assert_eq!(vm.x86_set_memory_region(config.mem_slots_num, 0, 0x1000, 0x1000).unwrap_err().errno(), Errno::EINVAL);
+}
