@@ -93,6 +93,19 @@ pub enum Error {
         /// Why.
         why: &'static str,
     },
+    /// `KVM_SET_MEMORY_ATTRIBUTES` refused: flags set, attributes the VM
+    /// does not support, an empty, wrapping or unaligned range.
+    #[error("memory attributes {attributes:#x} for {address:#x}+{size:#x} not accepted: {why}")]
+    BadMemoryAttributes {
+        /// The range's address.
+        address: u64,
+        /// The range's size.
+        size: u64,
+        /// The attributes.
+        attributes: u64,
+        /// Why.
+        why: &'static str,
+    },
     /// `__x86_set_memory_region` creating an internal slot that exists.
     #[error("internal slot {id} exists already")]
     InternalSlotExists {

@@ -87,6 +87,7 @@ extern crate std;
 mod sync;
 
 pub mod arch;
+pub mod attributes;
 pub mod config;
 #[cfg_attr(loom, allow(dead_code))]
 pub mod dirty;
@@ -110,6 +111,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use arch::{ArchHooks, Layered, NoArch, SlotDraft};
+pub use attributes::{MemoryAttributes, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 pub use config::{Config, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE};
 pub use dirty::DirtyBitmap;
 pub use dirty_log::{KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};

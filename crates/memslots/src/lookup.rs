@@ -52,6 +52,11 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
         Some(self.vm.spaces.get(usize::from(as_id))?.active(&self.guard))
     }
 
+    /// The section's SRCU guard (for the VM's other two-copy structures).
+    pub(crate) fn srcu_guard(&self) -> &SrcuGuard<'a> {
+        &self.guard
+    }
+
     /// The guard's VM.
     pub fn vm(&self) -> &'a Vm<H> {
         self.vm

@@ -58,6 +58,9 @@ pub struct Vm<H: ArchHooks = NoArch> {
     pub(crate) ring_with_bitmap: AtomicBool,
     /// An arch hook panicked during a slot change ([`Error::Poisoned`]).
     pub(crate) poisoned: AtomicBool,
+    /// Memory attributes by gfn range, VM-wide (`kvm->mem_attr_array`),
+    /// changed with the memslot protocol.
+    pub(crate) attrs: TwoSets<crate::attributes::AttrMap>,
 }
 
 impl<H: ArchHooks> core::fmt::Debug for Vm<H> {
@@ -123,6 +126,7 @@ impl<H: ArchHooks> Vm<H> {
             dirty_ring_bytes: AtomicU32::new(0),
             ring_with_bitmap: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
+            attrs: TwoSets::new(Default::default(), Default::default(), 0, 1),
         })
     }
 
@@ -198,6 +202,11 @@ impl<H: ArchHooks> Vm<H> {
                 });
                 space.with_inactive_mut(|set| u.index_bytes += set.heap_bytes());
             }
+        }
+        // SAFETY: as above: the writer lock is held.
+        unsafe {
+            self.attrs.with_active_writer(|m| u.index_bytes += m.heap_bytes());
+            self.attrs.with_inactive_mut(|m| u.index_bytes += m.heap_bytes());
         }
         u
     }
