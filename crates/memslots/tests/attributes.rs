@@ -4,6 +4,9 @@
 //! guest_memfd. This host's KVM has no KVM_CAP_MEMORY_ATTRIBUTES, so the
 //! reference is the kernel source's semantics, written naively below.
 
+// A test on a 64-bit host: gfns below 2^32 fit usize.
+#![allow(clippy::cast_possible_truncation)]
+
 use memslots::attributes::{FaultExit, FaultTarget};
 use memslots::{
     Config, Errno, GuestMemfd, MemoryAttributes, UserMemoryRegion2, Vm, KVM_MEMORY_ATTRIBUTE_PRIVATE as PRIVATE,
