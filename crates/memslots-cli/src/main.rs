@@ -170,6 +170,9 @@ fn library_config(args: &ReplayArgs, t: &LoadedTrace, kernel: Option<&Config>, m
         config = config.with_address_spaces(k.nr_address_spaces).with_user_slots(k.user_slots);
         config.readonly_mem = k.readonly_mem;
         config.max_gfn = k.max_gfn;
+        config.guest_memfd = k.guest_memfd;
+        config.user_addr_limit = k.user_addr_limit;
+        config.dirty_ring_rsvd_entries = k.dirty_ring_rsvd_entries;
     }
     if let Some(n) = args.address_spaces {
         config = config.with_address_spaces(n);

@@ -2,11 +2,15 @@
 //! differential testing of the library against the host's KVM.
 
 use crate::sys;
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2};
+use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_enable_cap, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use memslots::trace::{Op, Verdict};
 use memslots::{Config, Errno};
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A fresh VM on /dev/kvm, with no vCPUs and no guest memory: slot requests
 /// are validated by the kernel exactly as for a real VMM (the kernel does not
@@ -18,6 +22,8 @@ pub struct KernelVm {
     vm: VmFd,
     /// Sizes of the slots the kernel accepted, to size dirty-log buffers.
     sizes: HashMap<u32, u64>,
+    /// The trace's guest_memfds (`gmem` ops) by their number in the trace.
+    gmem: HashMap<u32, OwnedFd>,
 }
 
 impl std::fmt::Debug for KernelVm {
@@ -38,7 +44,7 @@ impl KernelVm {
     pub fn new() -> std::io::Result<Self> {
         let kvm = Kvm::new().map_err(std::io::Error::from)?;
         let vm = kvm.create_vm().map_err(std::io::Error::from)?;
-        Ok(KernelVm { _kvm: kvm, vm, sizes: HashMap::new() })
+        Ok(KernelVm { _kvm: kvm, vm, sizes: HashMap::new(), gmem: HashMap::new() })
     }
 
     /// The VM's address spaces (`KVM_CAP_MULTI_ADDRESS_SPACE` on the VM fd; 0 means 1).
@@ -59,6 +65,13 @@ impl KernelVm {
     pub fn config(&self) -> Config {
         let mut c = Config::x86_64().with_address_spaces(self.nr_address_spaces()).with_user_slots(self.nr_memslots());
         c.readonly_mem = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_READONLY_MEM)) > 0;
+        c.guest_memfd = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_GUEST_MEMFD)) > 0;
+        if let Some(limit) = crate::probe_user_addr_limit() {
+            c.user_addr_limit = limit;
+        }
+        if let Some(rsvd) = crate::probe_dirty_ring_rsvd_entries() {
+            c.dirty_ring_rsvd_entries = rsvd;
+        }
         if let Some(max_gfn) = crate::probe_max_gfn() {
             c.max_gfn = max_gfn;
         } else if let Some(bits) = crate::host_phys_bits() {
@@ -125,11 +138,51 @@ impl KernelVm {
                 let bitmap = vec![0u64; words];
                 verdict(sys::clear_dirty_log(&self.vm, slot, first_page, num_pages, &bitmap))
             }
-            Op::EnableManualProtect { args } => {
-                let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
-                cap.args[0] = args;
-                verdict(self.vm.enable_cap(&cap))
+            Op::EnableManualProtect { args } => self.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, args),
+            Op::CreateGuestMemfd { index, size } => {
+                let r = self.vm.create_guest_memfd(kvm_create_guest_memfd { size, ..Default::default() });
+                match r {
+                    Ok(fd) => {
+                        // SAFETY: the kernel just returned this fd; nothing else owns it.
+                        self.gmem.insert(index, unsafe { OwnedFd::from_raw_fd(fd) });
+                        Verdict::Ok
+                    }
+                    Err(e) => Verdict::Err(Errno(e.errno())),
+                }
             }
+            Op::Set2 { region: r, gmem, offset } => {
+                // A guest_memfd the trace never created: an fd that is not open.
+                let fd = self.gmem.get(&gmem).map_or(u32::MAX, |f| u32::try_from(f.as_raw_fd()).unwrap_or(u32::MAX));
+                let region = kvm_userspace_memory_region2 {
+                    slot: r.slot,
+                    flags: r.flags,
+                    guest_phys_addr: r.guest_phys_addr,
+                    memory_size: r.memory_size,
+                    userspace_addr: r.userspace_addr,
+                    guest_memfd_offset: offset,
+                    guest_memfd: fd,
+                    ..Default::default()
+                };
+                // SAFETY: as for `Op::Set`: this VM never runs a vCPU.
+                let v = verdict(unsafe { self.vm.set_user_memory_region2(region) });
+                if v == Verdict::Ok {
+                    if r.memory_size == 0 {
+                        self.sizes.remove(&r.slot);
+                    } else {
+                        self.sizes.insert(r.slot, r.memory_size);
+                    }
+                }
+                v
+            }
+            Op::EnableDirtyRing { bytes } => self.enable_cap(KVM_CAP_DIRTY_LOG_RING, bytes),
+            Op::ResetDirtyRings => verdict(sys::reset_dirty_rings(&self.vm)),
+            Op::EnableRingWithBitmap => self.enable_cap(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, 0),
         }
+    }
+
+    fn enable_cap(&self, cap: u32, arg: u64) -> Verdict {
+        let mut c = kvm_enable_cap { cap, ..Default::default() };
+        c.args[0] = arg;
+        verdict(self.vm.enable_cap(&c))
     }
 }

@@ -66,6 +66,7 @@ fn dirty_check_name(op: &Op, v: Verdict) -> &'static str {
         (Op::EnableManualProtect { .. }, Verdict::Ok) => "manual ok",
         (Op::EnableManualProtect { .. }, _) => "manual error",
         (Op::Set(_), _) => unreachable!(),
+        _ => "other",
     }
 }
 

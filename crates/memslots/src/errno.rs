@@ -36,6 +36,7 @@ errnos! {
     EIO = 5, "I/O error (KVM: internal accounting warning).";
     ENXIO = 6, "No such device or address (KVM: dirty bitmap ioctls while dirty rings are in use).";
     E2BIG = 7, "Argument too big (KVM: dirty ring larger than 65536 entries).";
+    EBADF = 9, "Bad file descriptor (a guest_memfd that is not open).";
     EAGAIN = 11, "Try again.";
     ENOMEM = 12, "Out of memory.";
     EFAULT = 14, "Bad address.";

@@ -112,6 +112,12 @@ pub enum Error {
         /// The slot id.
         id: u16,
     },
+    /// The guest_memfd fd is not open (`kvm_gmem_bind`'s `fget` fails).
+    #[error("guest_memfd {fd} is not an open file")]
+    GuestMemfdBadFd {
+        /// The fd.
+        fd: u32,
+    },
     /// guest_memfd offset unaligned or offset + size wraps.
     #[error("guest_memfd offset {offset:#x} (size {size:#x}) is unaligned or wraps")]
     BadGuestMemfdOffset {
@@ -266,6 +272,7 @@ impl Error {
             Error::RingTooBig { .. } => Errno::E2BIG,
             Error::BitmapTooShort { .. } => Errno::EFAULT,
             Error::Poisoned => Errno::EIO,
+            Error::GuestMemfdBadFd { .. } => Errno::EBADF,
             _ => Errno::EINVAL,
         }
     }

@@ -63,7 +63,39 @@ pub enum Op {
         /// `args[0]`.
         args: u64,
     },
+    /// `KVM_CREATE_GUEST_MEMFD` of `size` bytes, known to later `set2` ops
+    /// as guest_memfd number `index` (the replayer creates the file; the
+    /// library sees fd [`GMEM_FD_BASE`]` + index` with the size declared).
+    CreateGuestMemfd {
+        /// The trace's name for the file.
+        index: u32,
+        /// Bytes.
+        size: u64,
+    },
+    /// `KVM_SET_USER_MEMORY_REGION2` bound to guest_memfd `gmem` at
+    /// `offset` (flags as given: add `KVM_MEM_GUEST_MEMFD` to bind). A
+    /// `gmem` no `gmem` op created is a closed fd: `EBADF` for a binding.
+    Set2 {
+        /// The v1 fields.
+        region: UserMemoryRegion,
+        /// The trace's guest_memfd number.
+        gmem: u32,
+        /// `guest_memfd_offset`.
+        offset: u64,
+    },
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, bytes)`.
+    EnableDirtyRing {
+        /// `args[0]`.
+        bytes: u64,
+    },
+    /// `KVM_RESET_DIRTY_RINGS`.
+    ResetDirtyRings,
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)`.
+    EnableRingWithBitmap,
 }
+
+/// The fd number the library gives trace guest_memfd number `i` (`GMEM_FD_BASE + i`).
+pub const GMEM_FD_BASE: u32 = 1 << 20;
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -79,6 +111,15 @@ impl fmt::Display for Op {
             }
             Op::EnableManualProtect { args: 1 } => write!(f, "enable_manual_protect"),
             Op::EnableManualProtect { args } => write!(f, "enable_manual_protect {args}"),
+            Op::CreateGuestMemfd { index, size } => write!(f, "gmem {index} {size:#x}"),
+            Op::Set2 { region: r, gmem, offset } => write!(
+                f,
+                "set2 {:#x} {:#x} {:#x} {:#x} {:#x} {gmem} {offset:#x}",
+                r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr
+            ),
+            Op::EnableDirtyRing { bytes } => write!(f, "enable_dirty_ring {bytes:#x}"),
+            Op::ResetDirtyRings => write!(f, "reset_dirty_rings"),
+            Op::EnableRingWithBitmap => write!(f, "enable_ring_with_bitmap"),
         }
     }
 }
@@ -198,6 +239,23 @@ pub fn parse_line_with(line: &str, syntax: NumberSyntax) -> Result<Option<Op>, S
             };
             Op::EnableManualProtect { args }
         }
+        "gmem" => {
+            Op::CreateGuestMemfd { index: num32(it.next(), "guest_memfd number")?, size: num(it.next(), "size")? }
+        }
+        "set2" => Op::Set2 {
+            region: UserMemoryRegion {
+                slot: num32(it.next(), "slot")?,
+                flags: num32(it.next(), "flags")?,
+                guest_phys_addr: num(it.next(), "gpa")?,
+                memory_size: num(it.next(), "size")?,
+                userspace_addr: num(it.next(), "hva")?,
+            },
+            gmem: num32(it.next(), "guest_memfd number")?,
+            offset: num(it.next(), "guest_memfd offset")?,
+        },
+        "enable_dirty_ring" => Op::EnableDirtyRing { bytes: num(it.next(), "ring bytes")? },
+        "reset_dirty_rings" => Op::ResetDirtyRings,
+        "enable_ring_with_bitmap" => Op::EnableRingWithBitmap,
         other => return Err(alloc::format!("unknown operation {other:?}")),
     };
     if let Some(extra) = it.next() {
@@ -232,6 +290,8 @@ pub struct TraceConfig {
     pub address_spaces: Option<u16>,
     /// `user-slots=N` (1..=32764): user slots per address space (`KVM_CAP_NR_MEMSLOTS`).
     pub user_slots: Option<u16>,
+    /// `guest-memfd=0|1`: the VM takes guest_memfd slots ([`Config::guest_memfd`]).
+    pub guest_memfd: Option<bool>,
 }
 
 impl TraceConfig {
@@ -243,6 +303,9 @@ impl TraceConfig {
         }
         if let Some(n) = self.user_slots {
             config = config.with_user_slots(n);
+        }
+        if let Some(g) = self.guest_memfd {
+            config = config.with_guest_memfd(g);
         }
         config
     }
@@ -270,12 +333,23 @@ pub fn parse_header(text: &str) -> Result<TraceConfig, ParseError> {
         for pair in pairs.split_whitespace() {
             let (key, value) =
                 pair.split_once('=').ok_or_else(|| err(alloc::format!("expected KEY=VALUE, found {pair:?}")))?;
+            if key == "guest-memfd" {
+                let g = match value {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(err(alloc::format!("guest-memfd must be 0 or 1, not {value:?}"))),
+                };
+                if config.guest_memfd.replace(g).is_some() {
+                    return Err(err("guest-memfd is given twice".into()));
+                }
+                continue;
+            }
             let (field, max) = match key {
                 "address-spaces" => (&mut config.address_spaces, 64),
                 "user-slots" => (&mut config.user_slots, KVM_USER_MEM_SLOTS),
                 _ => {
                     return Err(err(alloc::format!(
-                        "unknown configuration key {key:?} (known: address-spaces, user-slots)"
+                        "unknown configuration key {key:?} (known: address-spaces, user-slots, guest-memfd)"
                     )))
                 }
             };
@@ -302,6 +376,27 @@ pub fn apply<H: ArchHooks>(vm: &Vm<H>, op: &Op) -> Verdict {
             vm.clear_dirty_log(slot, first_page, num_pages, &zeros).into()
         }
         Op::EnableManualProtect { args } => vm.enable_manual_dirty_log_protect(args).into(),
+        Op::CreateGuestMemfd { index, size } => {
+            vm.declare_guest_memfd(GMEM_FD_BASE.saturating_add(index), size);
+            Verdict::Ok
+        }
+        Op::Set2 { region, gmem, offset } => {
+            let fd = GMEM_FD_BASE.saturating_add(gmem);
+            let r = crate::UserMemoryRegion2 {
+                guest_memfd: fd,
+                guest_memfd_offset: offset,
+                ..crate::UserMemoryRegion2::from(region)
+            };
+            // A guest_memfd the trace never created is a closed fd: the
+            // kernel's fget in kvm_gmem_bind fails (EBADF).
+            if !vm.guest_memfd_declared(fd) {
+                vm.declare_fd_closed(fd);
+            }
+            vm.set_user_memory_region2(&r).into()
+        }
+        Op::EnableDirtyRing { bytes } => vm.enable_dirty_log_ring(bytes).into(),
+        Op::ResetDirtyRings => vm.reset_dirty_rings().into(),
+        Op::EnableRingWithBitmap => vm.enable_dirty_log_ring_with_bitmap().into(),
     }
 }
 
@@ -499,7 +594,7 @@ mod tests {
     fn header_gives_address_spaces_and_user_slots() {
         let text = "# recorded on a host without SMM\n# config: address-spaces=1 user-slots=32764\n\nset 0 0 0 0 0\n";
         let h = parse_header(text).unwrap();
-        assert_eq!(h, TraceConfig { address_spaces: Some(1), user_slots: Some(32764) });
+        assert_eq!(h, TraceConfig { address_spaces: Some(1), user_slots: Some(32764), guest_memfd: None });
         let c = h.apply_to(Config::x86_64());
         assert_eq!((c.nr_address_spaces, c.user_slots), (1, 32764));
         assert!(c.validate().is_ok());
@@ -524,5 +619,22 @@ mod tests {
             assert_eq!(e.line, line, "{text:?}");
             assert!(e.message.contains(words), "{text:?}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn issue_13_operations_round_trip() {
+        for line in [
+            "gmem 3 0x400000",
+            "set2 0x1 0x4 0x100000 0x200000 0x10000000 3 0x1000",
+            "enable_dirty_ring 0x1000",
+            "reset_dirty_rings",
+            "enable_ring_with_bitmap",
+        ] {
+            let op = parse_line(line).unwrap().unwrap();
+            assert_eq!(alloc::format!("{op}"), line);
+        }
+        let h = parse_header("# config: guest-memfd=1\nset 0 0 0 0 0\n").unwrap();
+        assert_eq!(h.guest_memfd, Some(true));
+        assert!(parse_header("# config: guest-memfd=2\n").is_err());
     }
 }

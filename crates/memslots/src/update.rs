@@ -258,11 +258,14 @@ impl<H: ArchHooks> Vm<H> {
     /// inside the file's declared size, no other slot bound to part of it.
     fn check_gmem_bind(w: &WriterState, fd: u32, offset: u64, size: u64) -> Result<(), Error> {
         let refuse = |why| Err(Error::GuestMemfdBind { fd, offset, size, why });
+        if w.gmem_sizes.get(&fd) == Some(&None) {
+            return Err(Error::GuestMemfdBadFd { fd });
+        }
         if i64::try_from(offset).is_err() {
             return refuse("the offset is negative as a file offset");
         }
         let end = offset + size; // checked not to wrap before
-        if w.gmem_sizes.get(&fd).is_some_and(|&len| end > len) {
+        if w.gmem_sizes.get(&fd).copied().flatten().is_some_and(|len| end > len) {
             return refuse("the range ends past the end of the file");
         }
         // Bindings of one file never overlap: only the last one starting
@@ -282,7 +285,21 @@ impl<H: ArchHooks> Vm<H> {
     /// declare again if the number is reused for another file.
     pub fn declare_guest_memfd(&self, fd: u32, size: u64) {
         let mut w = self.lock_writer();
-        w.gmem_sizes.insert(fd, size);
+        w.gmem_sizes.insert(fd, Some(size));
+    }
+
+    /// Declares that fd number `fd` is not open: binding a slot to it is
+    /// `EBADF`, as the kernel's `fget` fails (a trace replayer uses it for
+    /// guest_memfds its trace never created).
+    pub fn declare_fd_closed(&self, fd: u32) {
+        let mut w = self.lock_writer();
+        w.gmem_sizes.insert(fd, None);
+    }
+
+    /// Whether [`declare_guest_memfd`](Self::declare_guest_memfd) or
+    /// [`declare_fd_closed`](Self::declare_fd_closed) said anything about `fd`.
+    pub fn guest_memfd_declared(&self, fd: u32) -> bool {
+        self.lock_writer().gmem_sizes.contains_key(&fd)
     }
 
     /// Publishes the inactive set of `as_id` and waits for readers of the old one.

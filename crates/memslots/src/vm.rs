@@ -23,8 +23,9 @@ pub(crate) struct WriterState {
     /// past the last byte, slot), per file descriptor number.
     pub(crate) gmem_bound: alloc::collections::BTreeMap<(u32, u64), (u64, u32)>,
     /// guest_memfd sizes declared by the caller or probed by a backend
-    /// ([`Vm::declare_guest_memfd`]).
-    pub(crate) gmem_sizes: alloc::collections::BTreeMap<u32, u64>,
+    /// ([`Vm::declare_guest_memfd`]); `None`: the fd is known not to be
+    /// open ([`Vm::declare_fd_closed`]).
+    pub(crate) gmem_sizes: alloc::collections::BTreeMap<u32, Option<u64>>,
 }
 
 /// vCPUs created so far and their dirty rings (KVM: `kvm->lock`).
