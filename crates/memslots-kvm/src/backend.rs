@@ -142,8 +142,10 @@ impl KvmHooks {
         &self.vm
     }
 
-    /// Whether this VM only accepts slots over memory attached to it (and
-    /// so hands out vCPUs through [`create_vcpu`](Self::create_vcpu)).
+    /// Whether this VM only accepts slots over memory it keeps alive:
+    /// attached memory (then [`create_vcpu`](Self::create_vcpu) hands out
+    /// vCPUs), or the guest-memory layer of a
+    /// [`KvmGuestVm`](crate::KvmGuestVm) (whose `create_vcpu` does).
     pub fn owns_memory(&self) -> bool {
         !matches!(self.access, Access::Unrestricted)
     }
@@ -346,10 +348,24 @@ impl ArchHooks for KvmHooks {
     /// kernel's slots, so a vCPU fd that outlives this VM (the kernel VM
     /// lives while any of its fds is open) can no longer reach the host
     /// memory the library's slots are about to release.
+    ///
+    /// A delete the kernel refuses (it allocates while deleting, so
+    /// `ENOMEM` is possible) is retried; if the kernel keeps refusing, the
+    /// process aborts: freeing memory a kernel slot still maps would let a
+    /// vCPU that outlives the VM write into whatever is mapped there next.
     fn destroy_vm(&self) {
         let Some(mut slots) = self.track() else { return };
         for slot in std::mem::take(&mut *slots) {
-            let _ = self.set(slot, 0, 0, 0, 0, None);
+            let gone = (0..100).any(|i| {
+                if i > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                self.set(slot, 0, 0, 0, 0, None).is_ok()
+            });
+            if !gone {
+                eprintln!("memslots-kvm: the kernel refused to delete slot {slot:#x} at VM teardown; aborting");
+                std::process::abort();
+            }
         }
     }
 }

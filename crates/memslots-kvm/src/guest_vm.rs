@@ -33,7 +33,14 @@
 //! ([`ArchHooks::destroy_vm`]). So a vCPU created on the raw `VmFd`, even
 //! one that outlives this VM, can only reach memory that is mapped. What
 //! the `VmFd` cannot do safely (`set_user_memory_region`) is `unsafe` in
-//! kvm-ioctls already.
+//! kvm-ioctls already; the `VmFd` methods kvm-ioctls leaves safe that make
+//! the kernel write through a user pointer (`encrypt_op_sev`,
+//! `register_enc_memory_region`, SEV hosts only) are as safe here as on any
+//! `VmFd` safe code gets from `Kvm::create_vm`. What the raw fd bypasses is
+//! the merged dirty log: vCPUs created on it have no mapped ring, a
+//! `get_dirty_log` on it takes the kernel's bits, and capabilities enabled
+//! on it are unknown to [`enable_dirty_mode`](KvmGuestVm::enable_dirty_mode):
+//! use this type's calls for those.
 //!
 //! ## When a hot-unplugged mapping is unmapped
 //!
@@ -86,7 +93,13 @@ impl<U: ArchHooks> std::fmt::Debug for KvmGuestVm<U> {
 #[derive(Debug)]
 struct DirtyState {
     mode: Mutex<KernelDirtyMode>,
-    rings: Mutex<Vec<KernelRing>>,
+    /// The mapped rings, and whether a `KVM_RESET_DIRTY_RINGS` is owed
+    /// (entries were collected but the reset failed).
+    rings: Mutex<(Vec<KernelRing>, bool)>,
+    /// Serialises harvests: with manual protect, two interleaved harvests of
+    /// one slot could CLEAR (re-protect) a page the other had already taken
+    /// from the library, losing a guest write that came in between.
+    harvest: Mutex<()>,
 }
 
 impl KvmGuestVm {
@@ -119,7 +132,11 @@ impl<U: ArchHooks> KvmGuestVm<U> {
         Ok(KvmGuestVm {
             mem,
             kvm: Arc::new(kvm),
-            dirty: Arc::new(DirtyState { mode: Mutex::new(KernelDirtyMode::Bitmap), rings: Mutex::default() }),
+            dirty: Arc::new(DirtyState {
+                mode: Mutex::new(KernelDirtyMode::Bitmap),
+                rings: Mutex::default(),
+                harvest: Mutex::default(),
+            }),
         })
     }
 
@@ -201,7 +218,7 @@ impl<U: ArchHooks> KvmGuestVm<U> {
         let vcpu = self.kvm_hooks().new_vcpu(id, keep)?;
         if vcpu.dirty_ring_bytes() != 0 {
             let ring = KernelRing::map(&vcpu, vcpu.dirty_ring_bytes())?;
-            self.dirty.rings.lock().unwrap_or_else(PoisonError::into_inner).push(ring);
+            self.dirty.rings.lock().unwrap_or_else(PoisonError::into_inner).0.push(ring);
         }
         Ok(vcpu)
     }
@@ -211,7 +228,8 @@ impl<U: ArchHooks> KvmGuestVm<U> {
     /// `KVM_EXIT_DIRTY_RING_FULL`; [`harvest_dirty_log`](Self::harvest_dirty_log)
     /// calls it too. Returns the entries collected.
     pub fn harvest_rings(&self) -> Result<u64, Errno> {
-        let mut rings = self.dirty.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.dirty.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        let (rings, reset_owed) = &mut *guard;
         let vm = self.mem.vm();
         let mut n = 0;
         for ring in rings.iter_mut() {
@@ -219,8 +237,10 @@ impl<U: ArchHooks> KvmGuestVm<U> {
                 let _ = vm.mark_page_dirty_in_slot(slot, offset);
             });
         }
-        if n > 0 {
+        if n > 0 || *reset_owed {
+            *reset_owed = true;
             crate::sys::reset_dirty_rings(self.vm_fd()).map_err(|e| Errno(e.errno()))?;
+            *reset_owed = false;
         }
         Ok(n)
     }
@@ -238,6 +258,7 @@ impl<U: ArchHooks> KvmGuestVm<U> {
     /// part stays in the library's bitmap. Copy the pages *after* this call
     /// returns. Do not change `slot` concurrently with its harvest.
     pub fn harvest_dirty_log(&self, slot: u32) -> Result<Vec<u64>, Errno> {
+        let _one_at_a_time = self.dirty.harvest.lock().unwrap_or_else(PoisonError::into_inner);
         match self.dirty_mode() {
             KernelDirtyMode::Ring(_) => {
                 self.harvest_rings()?;

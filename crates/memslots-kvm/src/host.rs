@@ -114,7 +114,8 @@ pub fn slot_metadata_bytes_per_page() -> u64 {
 /// (KVM_CAP_READONLY_MEM), the user address limit ([`probe_user_addr_limit`]),
 /// the dirty ring's reserved entries ([`probe_dirty_ring_rsvd_entries`]),
 /// guest_memfd slots (KVM_CAP_GUEST_MEMFD on a
-/// default VM), and the highest gfn ([`probe_max_gfn`]). `None` if /dev/kvm is absent.
+/// default VM), dirty rings with bitmaps (KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP),
+/// and the highest gfn ([`probe_max_gfn`]). `None` if /dev/kvm is absent.
 pub fn host_config() -> Option<Config> {
     let kvm = Kvm::new().ok()?;
     let mut c = Config::x86_64();
@@ -127,9 +128,12 @@ pub fn host_config() -> Option<Config> {
         }
     }
     c.readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
-    // A default VM takes guest_memfd slots where the kernel offers guest_memfd.
+    // A default VM takes guest_memfd slots where the kernel offers guest_memfd;
+    // dirty rings with bitmaps exist only where the kernel offers them (arm64).
     if let Ok(vm) = kvm.create_vm() {
-        c.guest_memfd = vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_GUEST_MEMFD)) > 0;
+        let cap = |c: u32| vm.check_extension_raw(libc::c_ulong::from(c)) > 0;
+        c.guest_memfd = cap(kvm_bindings::KVM_CAP_GUEST_MEMFD);
+        c.ring_with_bitmap = cap(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP);
     }
     if let Some(limit) = probe_user_addr_limit() {
         c.user_addr_limit = limit;

@@ -63,6 +63,9 @@ pub(crate) fn sync_dirty_log_into<H: memslots::ArchHooks>(
     let size = usize::try_from(npages << 12).map_err(|_| Errno::EINVAL)?;
     let bitmap = fd.get_dirty_log(slot, size).map_err(|e| Errno(e.errno()))?;
     let mut merged = 0;
+    // The bits that reached the library's bitmap: the only ones CLEAR may
+    // re-protect (a bit the library did not take stays in the kernel).
+    let mut taken = vec![0u64; bitmap.len()];
     for (w, &bits) in bitmap.iter().enumerate() {
         let mut b = bits;
         while b != 0 {
@@ -71,13 +74,14 @@ pub(crate) fn sync_dirty_log_into<H: memslots::ArchHooks>(
             let rel = u64::try_from(w).unwrap_or(u64::MAX) * 64 + bit;
             if vm.mark_page_dirty_in_slot(slot, rel) == DirtyMark::Marked {
                 merged += 1;
+                taken[w] |= 1 << bit;
             }
         }
     }
-    if mode == KernelDirtyMode::ManualProtect && bitmap.iter().any(|&w| w != 0) {
+    if mode == KernelDirtyMode::ManualProtect && merged > 0 {
         // Clear exactly what was merged; a guest write since the GET stays set.
         let num = u32::try_from(npages).map_err(|_| Errno::EINVAL)?;
-        sys::clear_dirty_log(fd, slot, 0, num, &bitmap).map_err(|e| Errno(e.errno()))?;
+        sys::clear_dirty_log(fd, slot, 0, num, &taken).map_err(|e| Errno(e.errno()))?;
     }
     Ok(merged)
 }

@@ -66,6 +66,8 @@ impl KernelVm {
         let mut c = Config::x86_64().with_address_spaces(self.nr_address_spaces()).with_user_slots(self.nr_memslots());
         c.readonly_mem = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_READONLY_MEM)) > 0;
         c.guest_memfd = self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_GUEST_MEMFD)) > 0;
+        c.ring_with_bitmap =
+            self.vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)) > 0;
         if let Some(limit) = crate::probe_user_addr_limit() {
             c.user_addr_limit = limit;
         }

@@ -506,11 +506,18 @@ impl<H: ArchHooks> GuestMemory<H> {
     /// `MADV_DONTNEED`), then every layer drops what it derived from that
     /// host range ([`Vm::invalidate_hva_range`], the MMU notifier's
     /// `kvm_unmap_gfn_range`; the kernel's own MMU notifier does the same
-    /// for KVM). The guest reads zeros there afterwards. Holes in the range
-    /// are skipped; `gpa` and `len` must be page aligned. Returns the bytes
-    /// discarded.
+    /// for KVM). The guest reads zeros there afterwards (the file's data, for
+    /// a caller's file). Holes and READONLY (ROM) slots in the range are
+    /// skipped; `gpa` and `len` must be page aligned. Returns the bytes
+    /// discarded; on an error, pieces before the failing one stay discarded.
     pub fn discard(&self, as_id: u16, gpa: u64, len: u64) -> Result<u64, Error> {
         let page = memslots::PAGE_SIZE;
+        if as_id >= self.nr_address_spaces() {
+            return Err(Error::Discard(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("no address space {as_id}"),
+            )));
+        }
         if gpa % page != 0 || len % page != 0 || gpa.checked_add(len).is_none() {
             return Err(Error::Discard(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -524,18 +531,17 @@ impl<H: ArchHooks> GuestMemory<H> {
         {
             let g = self.vm.read();
             let (first, end) = (gpa >> memslots::PAGE_SHIFT, (gpa + len) >> memslots::PAGE_SHIFT);
-            let mut gfn = first;
-            while gfn < end {
-                let Some(s) = g.gfn_to_memslot(as_id, gfn) else {
-                    gfn += 1;
-                    continue;
-                };
-                let stop = end.min(s.end_gfn());
-                if let (Some(b), false) = (s.arch().0.as_ref(), s.is_invalid()) {
-                    let off = b.offset() as u64 + ((gfn - s.base_gfn) << memslots::PAGE_SHIFT);
-                    pieces.push((Arc::clone(b.memory()), off, (stop - gfn) << memslots::PAGE_SHIFT));
+            if first < end {
+                for s in g.slots_in_gfn_range(as_id, first, end) {
+                    // READONLY slots are ROM: not discarded.
+                    if s.is_invalid() || s.is_readonly() {
+                        continue;
+                    }
+                    let Some(b) = s.arch().0.as_ref() else { continue };
+                    let (from, stop) = (first.max(s.base_gfn), end.min(s.end_gfn()));
+                    let off = b.offset() as u64 + ((from - s.base_gfn) << memslots::PAGE_SHIFT);
+                    pieces.push((Arc::clone(b.memory()), off, (stop - from) << memslots::PAGE_SHIFT));
                 }
-                gfn = stop;
             }
         }
         let mut done = 0;

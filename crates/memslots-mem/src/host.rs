@@ -676,8 +676,10 @@ impl HostMemory {
     }
 
     /// Gives the host pages of `[offset, offset + len)` back (a balloon's
-    /// discard): in a shared mapping of a file (memfd or file) a hole is
-    /// punched in the file, so the pages are freed, not only unmapped; and the range is dropped from this
+    /// discard): in a shared mapping of the library's own memfd a hole is
+    /// punched in it, so the pages are freed, not only unmapped (a caller's
+    /// file is left as it is: its pages are only dropped from the mapping and
+    /// read back from the file); and the range is dropped from this
     /// mapping (`MADV_DONTNEED`; `MADV_REMOVE` for shared anonymous
     /// memory). The range reads as zeros afterwards, except in a private
     /// mapping of a file that has data there (it reads the file). The
@@ -700,7 +702,15 @@ impl HostMemory {
         if len == 0 {
             return Ok(());
         }
-        if let Some(f) = self.file.as_ref().filter(|_| self.shared) {
+        // Punch a hole only in our own memfd (shmem): in a caller's file it
+        // would make a fully allocated file sparse (writes could then fail
+        // for space, a SIGBUS), and on hugetlbfs it drops the reservation
+        // (a later fault without a free huge page is a SIGBUS).
+        let own_shmem = self.backing == Backing::Memfd && self.shared;
+        if let Some(f) = self.file.as_ref().filter(|_| own_shmem) {
+            if on_hugetlbfs(f).unwrap_or(true) {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, "discard of hugetlb memory"));
+            }
             let start = self.file_offset + offset as u64;
             let (start, n) = (i64::try_from(start), i64::try_from(len));
             let (Ok(start), Ok(n)) = (start, n) else {

@@ -123,3 +123,21 @@ fn a_vcpu_handle_moves_into_a_thread() {
     assert_eq!(t.join().unwrap(), 42);
     assert_eq!(ram.addr() % PAGE, 0);
 }
+
+#[test]
+fn discard_leaves_a_callers_file_and_rom_alone_and_checks_the_address_space() {
+    use std::io::Write;
+    let mem = GuestMemory::new(Config::default().with_address_spaces(1)).unwrap();
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(&[0xab; 2 * 4096]).unwrap();
+    let opts = MapOptions::new().sharing(memslots_mem::Sharing::Shared);
+    // SAFETY: nothing truncates the file while the mapping lives, and it is
+    // fully written (not sparse). A tempfile cannot be sealed.
+    let file = unsafe { mem.map_file_unsealed(f, 0, 2 * PAGE, &opts) }.unwrap();
+    mem.set_region(0, 0, 0, &file, 0, PAGE).unwrap();
+    mem.set_region(1, memslots::KVM_MEM_READONLY, PAGE, &file, PAGE, PAGE).unwrap();
+    assert_eq!(mem.discard(0, 0, 2 * PAGE).unwrap(), PAGE, "the ROM slot is skipped");
+    assert_eq!(mem.read_obj::<u8>(0, 0).unwrap(), 0xab, "a caller's file keeps its data (no hole punched)");
+    assert_eq!(mem.read_obj::<u8>(0, PAGE).unwrap(), 0xab);
+    assert!(mem.discard(3, 0, 1 << 52).is_err(), "no such address space: refused at once");
+}

@@ -240,8 +240,13 @@ impl<A: ArchHooks, B: ArchHooks> ArchHooks for Layered<A, B> {
         self.outer.abort_memory_region(change, old_a.as_ref(), draft_a.as_ref());
     }
 
+    /// Teardown runs in reverse: the inner layer first. The innermost layer
+    /// (the kernel VM, in `memslots_kvm::KvmGuestVm`) so drops the kernel's
+    /// slots before any other layer's code runs, and a panic in an outer
+    /// layer's `destroy_vm` cannot leave the kernel reaching memory the
+    /// unwinding frees.
     fn destroy_vm(&self) {
-        self.outer.destroy_vm();
         self.inner.destroy_vm();
+        self.outer.destroy_vm();
     }
 }
