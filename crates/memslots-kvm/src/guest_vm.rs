@@ -56,7 +56,6 @@
 
 use crate::backend::{KvmHooks, KvmVcpu};
 use crate::kdirty::{sync_dirty_log_into, KernelDirtyMode, KernelRing};
-use kvm_bindings::{kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING};
 use kvm_ioctls::{Kvm, VmFd};
 use memslots::{ArchHooks, Config, Errno, Layered, NoArch};
 use memslots_mem::{GuestMemory, MemHooks};
@@ -188,20 +187,7 @@ impl<U: ArchHooks> KvmGuestVm<U> {
     /// dirty rings of `bytes` bytes. Before any vCPU exists (the kernel's
     /// rule for rings; `EINVAL` afterwards).
     pub fn enable_dirty_mode(&self, mode: KernelDirtyMode) -> Result<(), Errno> {
-        let fd = self.vm_fd();
-        let cap = match mode {
-            KernelDirtyMode::Bitmap => None,
-            KernelDirtyMode::ManualProtect => Some((kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1)),
-            KernelDirtyMode::Ring(bytes) => Some((KVM_CAP_DIRTY_LOG_RING, u64::from(bytes))),
-        };
-        if let Some((cap, arg)) = cap {
-            let mut c = kvm_enable_cap { cap, ..Default::default() };
-            c.args[0] = arg;
-            fd.enable_cap(&c).map_err(|e| Errno(e.errno()))?;
-        }
-        if let KernelDirtyMode::Ring(bytes) = mode {
-            self.kvm_hooks().record_ring(bytes);
-        }
+        crate::kdirty::enable_dirty_mode_on(self.kvm_hooks(), mode)?;
         *self.dirty.mode.lock().unwrap_or_else(PoisonError::into_inner) = mode;
         Ok(())
     }

@@ -28,7 +28,11 @@ pub enum KernelDirtyMode {
 /// A ring's size is recorded in the VM ([`KvmHooks::dirty_ring_bytes`](crate::KvmHooks::dirty_ring_bytes))
 /// once the kernel accepted it, for [`KernelRing::map`] to check against.
 pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(), Errno> {
-    let fd = vm.hooks().kernel_fd();
+    enable_dirty_mode_on(vm.hooks(), mode)
+}
+
+/// [`enable_kernel_dirty_mode`] on the kernel VM of any stack holding `hooks`.
+pub(crate) fn enable_dirty_mode_on(hooks: &crate::KvmHooks, mode: KernelDirtyMode) -> Result<(), Errno> {
     let cap = match mode {
         KernelDirtyMode::Bitmap => return Ok(()),
         KernelDirtyMode::ManualProtect => (kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 1),
@@ -36,9 +40,9 @@ pub fn enable_kernel_dirty_mode(vm: &KvmVm, mode: KernelDirtyMode) -> Result<(),
     };
     let mut c = kvm_enable_cap { cap: cap.0, ..Default::default() };
     c.args[0] = cap.1;
-    fd.enable_cap(&c).map_err(|e| Errno(e.errno()))?;
+    hooks.kernel_fd().enable_cap(&c).map_err(|e| Errno(e.errno()))?;
     if let KernelDirtyMode::Ring(bytes) = mode {
-        vm.hooks().record_ring(bytes);
+        hooks.record_ring(bytes);
     }
     Ok(())
 }

@@ -453,14 +453,20 @@ impl<H: ArchHooks> GuestMemory<H> {
         offset: u64,
         size: u64,
     ) -> Result<Outcome, Error> {
+        let hva = self.registered_hva(mem, offset, size)?;
+        Ok(self.vm.set_user_memory_region(&UserMemoryRegion::new(slot, flags, gpa, size, hva))?)
+    }
+
+    /// The host address of byte `offset` of `mem`, after checking that
+    /// `[offset, offset + size)` lies inside it and that it is registered.
+    fn registered_hva(&self, mem: &Arc<HostMemory>, offset: u64, size: u64) -> Result<u64, Error> {
         if offset.checked_add(size).is_none_or(|end| end > mem.size()) {
             return Err(Error::OutsideMapping { offset, size, len: mem.size() });
         }
         if !self.mem_hooks().is_registered(mem) {
             return Err(Error::NotRegistered { addr: mem.addr() });
         }
-        let hva = mem.addr() + offset;
-        Ok(self.vm.set_user_memory_region(&UserMemoryRegion::new(slot, flags, gpa, size, hva))?)
+        Ok(mem.addr() + offset)
     }
 
     /// `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`: as
@@ -484,19 +490,14 @@ impl<H: ArchHooks> GuestMemory<H> {
         gmem_offset: u64,
     ) -> Result<Outcome, Error> {
         use std::os::fd::AsRawFd;
-        if offset.checked_add(size).is_none_or(|end| end > mem.size()) {
-            return Err(Error::OutsideMapping { offset, size, len: mem.size() });
-        }
-        if !self.mem_hooks().is_registered(mem) {
-            return Err(Error::NotRegistered { addr: mem.addr() });
-        }
+        let hva = self.registered_hva(mem, offset, size)?;
         let fd = u32::try_from(gmem.as_raw_fd()).unwrap_or(u32::MAX);
         // The file's size, so the library refuses a binding past its end
         // before any layer sees it (as kvm_gmem_bind).
         if let Ok(meta) = gmem.try_clone_to_owned().map(File::from).and_then(|f| f.metadata()) {
             self.vm.declare_guest_memfd(fd, meta.len());
         }
-        let region = UserMemoryRegion2::with_guest_memfd(slot, flags, gpa, size, mem.addr() + offset, fd, gmem_offset);
+        let region = UserMemoryRegion2::with_guest_memfd(slot, flags, gpa, size, hva, fd, gmem_offset);
         Ok(self.vm.set_user_memory_region2(&region)?)
     }
 
