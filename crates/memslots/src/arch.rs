@@ -12,6 +12,8 @@
 //! | [`unmap_gfn_range`](ArchHooks::unmap_gfn_range) | host memory behind a slot was invalidated ([`Vm::invalidate_hva_range`](crate::Vm::invalidate_hva_range)) | `kvm_unmap_gfn_range` |
 //! | [`abort_memory_region`](ArchHooks::abort_memory_region) | a later layer's prepare failed after this one's succeeded ([`Layered`]) | (none: KVM has one arch layer) |
 //! | [`destroy_vm`](ArchHooks::destroy_vm) | the `Vm` is dropped, before its slots are freed | `kvm_arch_destroy_vm` |
+//! | [`alloc_lazy_metadata`](ArchHooks::alloc_lazy_metadata) | [`Vm::enable_lazy_metadata`](crate::Vm::enable_lazy_metadata) for every slot; then each CREATE, MOVE and FLAGS_ONLY after prepare, under the arch lock | `memslot_rmap_alloc` (seed 003) |
+//! | [`arch_data_bytes`](ArchHooks::arch_data_bytes), [`lazy_metadata_bytes`](ArchHooks::lazy_metadata_bytes) | [`Vm::memory_usage`](crate::Vm::memory_usage) | (none) |
 //!
 //! ## Layers
 //!
@@ -104,8 +106,9 @@ pub trait ArchHooks: Send + Sync + 'static {
     /// with the same arguments: a layer after this one refused the change
     /// (see [`Layered`]). `new` holds what this layer's prepare left in it.
     /// After it returns this layer must be exactly as before that prepare.
-    /// The update protocol itself never calls it (prepare is its last step
-    /// that can fail).
+    /// The update protocol calls it when allocating the new slot's lazily
+    /// allocated metadata fails after prepare succeeded
+    /// ([`alloc_lazy_metadata`](Self::alloc_lazy_metadata)).
     fn abort_memory_region(
         &self,
         change: MemoryChange,
@@ -121,6 +124,38 @@ pub trait ArchHooks: Send + Sync + 'static {
     /// it open) drops the kernel's slots here, so the kernel can no longer
     /// reach host memory the slots kept mapped.
     fn destroy_vm(&self) {}
+
+    /// Seed 003: allocates the lazily allocated part of slot `desc`'s data
+    /// `data` (typically a [`LazyCell`](crate::metadata::LazyCell) inside
+    /// it), if this layer keeps one and it is not there yet. Called under
+    /// the VM's arch lock (never concurrently with itself), possibly from
+    /// inside a read section: it must not make slot changes or wait for
+    /// readers. See the [`metadata`](crate::metadata) module.
+    ///
+    /// - by [`Vm::enable_lazy_metadata`](crate::Vm::enable_lazy_metadata),
+    ///   for every slot of every address space (an already allocated slot is
+    ///   skipped by the hook);
+    /// - once enabled, by each CREATE, MOVE and FLAGS_ONLY after
+    ///   [`prepare_memory_region`](Self::prepare_memory_region) succeeded, for
+    ///   the new slot before it is published. An error here aborts the change
+    ///   ([`abort_memory_region`](Self::abort_memory_region) is called).
+    fn alloc_lazy_metadata(&self, desc: &SlotDesc, data: &Self::SlotData) -> Result<(), Errno> {
+        let _ = (desc, data);
+        Ok(())
+    }
+
+    /// Heap bytes of `data` allocated with the slot (footprint report).
+    fn arch_data_bytes(&self, data: &Self::SlotData) -> usize {
+        let _ = data;
+        0
+    }
+
+    /// Heap bytes of `data`'s lazily allocated metadata, 0 while there is
+    /// none (footprint report).
+    fn lazy_metadata_bytes(&self, data: &Self::SlotData) -> usize {
+        let _ = data;
+        0
+    }
 }
 
 /// No arch behaviour: slots carry no metadata.
@@ -248,5 +283,21 @@ impl<A: ArchHooks, B: ArchHooks> ArchHooks for Layered<A, B> {
     fn destroy_vm(&self) {
         self.inner.destroy_vm();
         self.outer.destroy_vm();
+    }
+
+    /// Outer, then inner. If the inner layer fails, the outer layer's
+    /// allocation stays: it is freed with the draft of a refused change, and
+    /// reused by a later [`Vm::enable_lazy_metadata`](crate::Vm::enable_lazy_metadata).
+    fn alloc_lazy_metadata(&self, desc: &SlotDesc, data: &Self::SlotData) -> Result<(), Errno> {
+        self.outer.alloc_lazy_metadata(desc, &data.0)?;
+        self.inner.alloc_lazy_metadata(desc, &data.1)
+    }
+
+    fn arch_data_bytes(&self, data: &Self::SlotData) -> usize {
+        self.outer.arch_data_bytes(&data.0) + self.inner.arch_data_bytes(&data.1)
+    }
+
+    fn lazy_metadata_bytes(&self, data: &Self::SlotData) -> usize {
+        self.outer.lazy_metadata_bytes(&data.0) + self.inner.lazy_metadata_bytes(&data.1)
     }
 }

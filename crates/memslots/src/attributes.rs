@@ -193,7 +193,7 @@ impl<H: ArchHooks> Vm<H> {
         // period, so the inactive map has no readers when it is changed.
         unsafe {
             self.attrs.with_inactive_mut(|m| m.set(start, end, a.attributes));
-            self.attrs.swap_then(&self.srcu, |_| {});
+            self.attrs.swap_then(&self.srcu, || {}, |_| {});
             self.attrs.with_inactive_mut(|m| m.set(start, end, a.attributes));
         }
         Ok(())

@@ -98,9 +98,12 @@ mod gfn_index;
 #[allow(dead_code)]
 mod hva_tree;
 pub mod lookup;
+pub mod metadata;
 pub mod region;
 #[cfg_attr(loom, allow(dead_code))]
 pub mod ring;
+#[cfg_attr(loom, allow(dead_code))]
+pub mod rmap;
 mod set;
 pub mod slot;
 #[cfg_attr(loom, allow(dead_code))]

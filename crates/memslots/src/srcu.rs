@@ -329,23 +329,26 @@ impl<T> TwoSets<T> {
     #[cfg(loom)]
     pub(crate) unsafe fn swap(&self, srcu: &Srcu) -> u64 {
         // SAFETY: the caller's contract.
-        unsafe { self.swap_then(srcu, |_| {}) }
+        unsafe { self.swap_then(srcu, || {}, |_| {}) }
     }
 
-    /// [`swap`](Self::swap), calling `updated(new_generation)` after the
-    /// grace period and *before* the final generation is stored, as KVM
-    /// calls `kvm_arch_memslots_updated` (x86 relies on the order for the
-    /// MMIO generation wrap).
+    /// [`swap`](Self::swap), calling `published()` right after the new set
+    /// is published and before the wait (where KVM releases
+    /// `slots_arch_lock`), and `updated(new_generation)` after the grace
+    /// period and *before* the final generation is stored, as KVM calls
+    /// `kvm_arch_memslots_updated` (x86 relies on the order for the MMIO
+    /// generation wrap).
     ///
     /// # Safety
     /// The caller holds the writer lock of the owning VM.
-    pub(crate) unsafe fn swap_then(&self, srcu: &Srcu, updated: impl FnOnce(u64)) -> u64 {
+    pub(crate) unsafe fn swap_then(&self, srcu: &Srcu, published: impl FnOnce(), updated: impl FnOnce(u64)) -> u64 {
         let gen = self.generation.load(Ordering::Relaxed);
         debug_assert_eq!(gen & GEN_UPDATE_IN_PROGRESS, 0);
         // Visible to any reader that sees the new active index (release below).
         self.generation.store(gen | GEN_UPDATE_IN_PROGRESS, Ordering::Release);
         let old = self.active.load(Ordering::Relaxed);
         self.active.store(old ^ 1, Ordering::Release);
+        published();
         srcu.synchronize();
         let new_gen = gen.wrapping_add(self.gen_step) & !GEN_UPDATE_IN_PROGRESS;
         updated(new_gen);

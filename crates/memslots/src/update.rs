@@ -11,6 +11,7 @@ use crate::region::{
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
 };
 use crate::slot::{GuestMemfd, MemorySlot, SlotDesc};
+use crate::sync::{lock, MutexGuard};
 use crate::vm::{Vm, WriterState};
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
@@ -304,11 +305,19 @@ impl<H: ArchHooks> Vm<H> {
 
     /// Publishes the inactive set of `as_id` and waits for readers of the old one.
     fn swap(&self, as_id: u16) {
+        self.swap_releasing(as_id, None);
+    }
+
+    /// [`swap`](Self::swap), releasing the arch lock `arch` right after the
+    /// publish and before the wait, as `kvm_swap_active_memslots` releases
+    /// `slots_arch_lock` before `synchronize_srcu` (a reader inside a section
+    /// may be waiting for that lock in `enable_lazy_metadata`).
+    fn swap_releasing(&self, as_id: u16, arch: Option<MutexGuard<'_, ()>>) {
         let space = &self.spaces[usize::from(as_id)];
         // kvm_swap_active_memslots: the arch hook sees the new generation
         // before it is stored.
         // SAFETY: every caller holds the writer lock.
-        unsafe { space.swap_then(&self.srcu, |gen| self.hooks.memslots_updated(as_id, gen)) };
+        unsafe { space.swap_then(&self.srcu, move || drop(arch), |gen| self.hooks.memslots_updated(as_id, gen)) };
     }
 
     /// Runs `f` on the inactive set of `as_id`.
@@ -322,7 +331,18 @@ impl<H: ArchHooks> Vm<H> {
     /// `kvm_activate_memslot`: swap, then replay `old -> new` on the now
     /// inactive set so both sets agree again.
     fn activate(&self, as_id: u16, old: Option<&Arc<Slot<H>>>, new: Option<&Arc<Slot<H>>>) {
-        self.swap(as_id);
+        self.activate_releasing(as_id, old, new, None);
+    }
+
+    /// [`activate`](Self::activate), releasing the arch lock after the publish.
+    fn activate_releasing(
+        &self,
+        as_id: u16,
+        old: Option<&Arc<Slot<H>>>,
+        new: Option<&Arc<Slot<H>>>,
+        arch: Option<MutexGuard<'_, ()>>,
+    ) {
+        self.swap_releasing(as_id, arch);
         self.with_inactive(as_id, |set| set.replace(old, new));
     }
 
@@ -393,32 +413,50 @@ impl<H: ArchHooks> Vm<H> {
                 _ => H::SlotData::default(),
             },
         });
+        let restore = |e: Error| {
+            if let (Some(inv), Some(old)) = (&invalid, &old) {
+                // Reinstall the old slot (seed 002): the inactive set has
+                // it; activate it and replay on the other set.
+                self.activate(as_id, Some(inv), Some(old));
+            }
+            Err(e)
+        };
+        // KVM's slots_arch_lock, from prepare to the publish of the new slot
+        // (kvm_set_memslot retakes it after the INVALID copy's grace period).
+        let arch = lock(&self.arch_lock);
         let bitmap = match self.prepare(w, change, old.as_deref(), draft.as_mut()) {
             Ok(b) => b,
             Err(e) => {
-                if let (Some(inv), Some(old)) = (&invalid, &old) {
-                    // Reinstall the old slot (seed 002): the inactive set has
-                    // it; activate it and replay on the other set.
-                    self.activate(as_id, Some(inv), Some(old));
-                }
-                return Err(e);
+                drop(arch);
+                return restore(e);
             }
         };
+        // Seed 003: once enabled, the new slot gets its lazily allocated
+        // metadata before it is visible (a FLAGS_ONLY draft shares the old
+        // slot's, which the hook finds there).
+        if let Some(d) = &draft {
+            if let Err(e) = self.alloc_lazy_metadata_locked(&d.desc, &d.arch) {
+                self.hooks.abort_memory_region(change, old.as_deref(), Some(d));
+                drop(arch);
+                return restore(Error::Arch(e));
+            }
+        }
         let new = draft.map(|d| Arc::new(MemorySlot { desc: d.desc, dirty_bitmap: bitmap, arch: d.arch }));
 
+        let arch = Some(arch);
         match change {
             MemoryChange::Create => {
                 self.with_inactive(as_id, |set| set.replace(None, new.as_ref()));
-                self.activate(as_id, None, new.as_ref());
+                self.activate_releasing(as_id, None, new.as_ref(), arch);
             }
             MemoryChange::Delete | MemoryChange::Move => {
                 // The inactive set still holds `old`, the active one the INVALID copy.
                 self.with_inactive(as_id, |set| set.replace(old.as_ref(), new.as_ref()));
-                self.activate(as_id, invalid.as_ref(), new.as_ref());
+                self.activate_releasing(as_id, invalid.as_ref(), new.as_ref(), arch);
             }
             MemoryChange::FlagsOnly => {
                 self.with_inactive(as_id, |set| set.replace(old.as_ref(), new.as_ref()));
-                self.activate(as_id, old.as_ref(), new.as_ref());
+                self.activate_releasing(as_id, old.as_ref(), new.as_ref(), arch);
             }
         }
 

@@ -62,6 +62,12 @@ pub struct Vm<H: ArchHooks = NoArch> {
     /// Memory attributes by gfn range, VM-wide (`kvm->mem_attr_array`),
     /// changed with the memslot protocol.
     pub(crate) attrs: TwoSets<crate::attributes::AttrMap>,
+    /// KVM's `slots_arch_lock`: held by a slot change from its prepare to
+    /// the publish of the new slot (not while it waits for readers), and by
+    /// [`Vm::enable_lazy_metadata`].
+    pub(crate) arch_lock: Mutex<()>,
+    /// Lazily allocated metadata is enabled (`shadow_root_allocated`).
+    pub(crate) lazy_metadata: crate::sync::AtomicBool,
 }
 
 impl<H: ArchHooks> core::fmt::Debug for Vm<H> {
@@ -70,27 +76,39 @@ impl<H: ArchHooks> core::fmt::Debug for Vm<H> {
     }
 }
 
-/// Memory used by the memslot metadata (not guest memory).
+/// Memory used by the memslot metadata (not guest memory), of one address
+/// space ([`Vm::address_space_memory_usage`]) or the whole VM
+/// ([`Vm::memory_usage`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryUsage {
-    /// Slots in all address spaces.
+    /// Slots.
     pub slots: usize,
-    /// Bytes of the `Vm` itself and its per-address-space arrays.
+    /// Bytes of the `Vm` itself and its per-address-space arrays (for one
+    /// address space: its pair of sets).
     pub fixed_bytes: usize,
     /// Bytes of slot objects (one copy per slot, shared by both sets).
     pub slot_bytes: usize,
-    /// Bytes of the sets' indexes (gfn index, hva tree, id map), both sets.
+    /// Bytes of the sets' indexes (gfn index, hva tree, id map), both sets;
+    /// for the VM also the memory-attribute maps.
     pub index_bytes: usize,
     /// Bytes of dirty bitmaps.
     pub bitmap_bytes: usize,
+    /// Heap bytes of the arch layers' per-slot data allocated with the slot
+    /// ([`ArchHooks::arch_data_bytes`], e.g. x86 large-page info).
+    pub arch_bytes: usize,
+    /// Bytes of lazily allocated per-slot metadata
+    /// ([`ArchHooks::lazy_metadata_bytes`], e.g. x86 rmaps; 0 until
+    /// [`Vm::enable_lazy_metadata`]).
+    pub lazy_bytes: usize,
 }
 
 impl MemoryUsage {
     /// All metadata bytes.
     pub fn total(&self) -> usize {
-        self.fixed_bytes + self.slot_bytes + self.index_bytes + self.bitmap_bytes
+        self.fixed_bytes + self.slot_bytes + self.index_bytes + self.bitmap_bytes + self.arch_bytes + self.lazy_bytes
     }
-    /// Metadata bytes per slot, excluding the fixed part and bitmaps.
+    /// Slot metadata bytes per slot: slot objects and indexes (not the fixed
+    /// part, bitmaps or arch data).
     pub fn bytes_per_slot(&self) -> f64 {
         if self.slots == 0 {
             return 0.0;
@@ -98,6 +116,15 @@ impl MemoryUsage {
         #[allow(clippy::cast_precision_loss)]
         let r = (self.slot_bytes + self.index_bytes) as f64 / self.slots as f64;
         r
+    }
+    fn add(&mut self, o: &MemoryUsage) {
+        self.slots += o.slots;
+        self.fixed_bytes += o.fixed_bytes;
+        self.slot_bytes += o.slot_bytes;
+        self.index_bytes += o.index_bytes;
+        self.bitmap_bytes += o.bitmap_bytes;
+        self.arch_bytes += o.arch_bytes;
+        self.lazy_bytes += o.lazy_bytes;
     }
 }
 
@@ -128,6 +155,8 @@ impl<H: ArchHooks> Vm<H> {
             ring_with_bitmap: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             attrs: TwoSets::new(Default::default(), Default::default(), 0, 1),
+            arch_lock: Mutex::new(()),
+            lazy_metadata: crate::sync::AtomicBool::new(false),
         })
     }
 
@@ -179,35 +208,55 @@ impl<H: ArchHooks> Vm<H> {
         self.srcu.registered()
     }
 
-    /// Metadata memory in use, measured from the live structures. Takes the
-    /// writer lock: not from a thread inside a read section.
+    /// Metadata memory in use by the whole VM, measured from the live
+    /// structures: the sum of [`address_space_memory_usage`](Self::address_space_memory_usage)
+    /// over the address spaces, plus the `Vm` itself and the memory
+    /// attributes. Takes the writer lock: not from a thread inside a read
+    /// section.
     pub fn memory_usage(&self) -> MemoryUsage {
         let _w = self.lock_writer();
-        let mut u = MemoryUsage {
-            fixed_bytes: core::mem::size_of::<Self>()
-                + self.spaces.len() * core::mem::size_of::<TwoSets<MemslotSet<H::SlotData>>>(),
-            ..MemoryUsage::default()
-        };
+        let mut u = MemoryUsage { fixed_bytes: core::mem::size_of::<Self>(), ..MemoryUsage::default() };
         for space in self.spaces.iter() {
-            // SAFETY: we hold the writer lock; both sets are only read here, and
-            // the inactive one is not being mutated by anyone else.
-            unsafe {
-                space.with_active_writer(|set| {
-                    u.slots += set.len();
-                    u.index_bytes += set.heap_bytes();
-                    for s in set.slots_by_id() {
-                        u.slot_bytes +=
-                            core::mem::size_of::<MemorySlot<H::SlotData>>() + 2 * core::mem::size_of::<usize>();
-                        u.bitmap_bytes += s.dirty_bitmap().map_or(0, crate::dirty::DirtyBitmap::heap_bytes);
-                    }
-                });
-                space.with_inactive_mut(|set| u.index_bytes += set.heap_bytes());
-            }
+            u.add(&self.space_usage_locked(space));
         }
-        // SAFETY: as above: the writer lock is held.
+        // SAFETY: we hold the writer lock.
         unsafe {
             self.attrs.with_active_writer(|m| u.index_bytes += m.heap_bytes());
             self.attrs.with_inactive_mut(|m| u.index_bytes += m.heap_bytes());
+        }
+        u
+    }
+
+    /// Metadata memory of address space `as_id` (its two sets, slots,
+    /// bitmaps, arch data), or `None` if it does not exist. Takes the writer
+    /// lock: not from a thread inside a read section.
+    pub fn address_space_memory_usage(&self, as_id: u16) -> Option<MemoryUsage> {
+        let space = self.spaces.get(usize::from(as_id))?;
+        let _w = self.lock_writer();
+        Some(self.space_usage_locked(space))
+    }
+
+    /// The caller holds the writer lock.
+    fn space_usage_locked(&self, space: &TwoSets<MemslotSet<H::SlotData>>) -> MemoryUsage {
+        let mut u = MemoryUsage {
+            fixed_bytes: core::mem::size_of::<TwoSets<MemslotSet<H::SlotData>>>(),
+            ..MemoryUsage::default()
+        };
+        // SAFETY: the caller holds the writer lock; both sets are only read
+        // here, and the inactive one is not being mutated by anyone else.
+        unsafe {
+            space.with_active_writer(|set| {
+                u.slots += set.len();
+                u.index_bytes += set.heap_bytes();
+                for s in set.slots_by_id() {
+                    // The slot and the Arc's two counts.
+                    u.slot_bytes += core::mem::size_of::<MemorySlot<H::SlotData>>() + 2 * core::mem::size_of::<usize>();
+                    u.bitmap_bytes += s.dirty_bitmap().map_or(0, crate::dirty::DirtyBitmap::heap_bytes);
+                    u.arch_bytes += self.hooks.arch_data_bytes(&s.arch);
+                    u.lazy_bytes += self.hooks.lazy_metadata_bytes(&s.arch);
+                }
+            });
+            space.with_inactive_mut(|set| u.index_bytes += set.heap_bytes());
         }
         u
     }
