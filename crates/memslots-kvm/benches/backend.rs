@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
         for i in 0..n {
             vm.set_user_memory_region(&UserMemoryRegion::new(i, 0, gpa(i), SIZE, HVA + u64::from(i) * STRIDE)).unwrap();
         }
-        let to = |it: u64| if it % 2 == 0 { away } else { gpa(k) };
+        let to = |it: u64| if it.is_multiple_of(2) { away } else { gpa(k) };
         let raw_move = |it: u64| raw_set(&raw, k, 0, to(it), SIZE);
         let lib_move = |it: u64| vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to(it), SIZE, hva)).unwrap();
         // After an odd number of moves both sides are away: bring them home, untimed.

@@ -83,7 +83,7 @@ impl Mapping {
     /// Reads the little-endian u16 at `off` (volatile: the guest writes it).
     /// `None` if `off` is odd or the two bytes are not inside the mapping.
     pub fn read_u16(&self, off: usize) -> Option<u16> {
-        if off % 2 != 0 || !self.in_bounds(off, 2) {
+        if !off.is_multiple_of(2) || !self.in_bounds(off, 2) {
             return None;
         }
         // SAFETY: in bounds and aligned (checked; the mapping is page aligned).
@@ -109,7 +109,7 @@ impl Drop for Mapping {
 /// `None` also for an odd `gpa` (a u16 there could be unaligned, or cross
 /// into the next page and out of the slot).
 pub unsafe fn read_guest_u16(vm: &KvmVm, gpa: u64) -> Option<u16> {
-    if gpa % 2 != 0 {
+    if !gpa.is_multiple_of(2) {
         return None;
     }
     let g = vm.read();

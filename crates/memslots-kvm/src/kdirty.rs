@@ -115,7 +115,8 @@ impl KernelRing {
         let entry = u32::try_from(std::mem::size_of::<kvm_dirty_gfn>()).unwrap_or(u32::MAX);
         let page = 4096u32;
         let enabled = vcpu.dirty_ring_bytes();
-        if enabled == 0 || bytes != enabled || !bytes.is_power_of_two() || bytes < page || bytes % entry != 0 {
+        if enabled == 0 || bytes != enabled || !bytes.is_power_of_two() || bytes < page || !bytes.is_multiple_of(entry)
+        {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("dirty ring of {bytes} bytes: the vCPU's ring is {enabled} bytes (0: none)"),

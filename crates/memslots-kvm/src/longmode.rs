@@ -231,10 +231,10 @@ impl LongModeLayout {
     }
     /// Checks alignment and limits: `InvalidInput` with the reason.
     pub fn validate(&self) -> io::Result<()> {
-        if self.boot_gpa % PAGE != 0 {
+        if !self.boot_gpa.is_multiple_of(PAGE) {
             return Err(invalid("boot_gpa must be 4 KiB aligned"));
         }
-        if self.identity_map_bytes == 0 || self.identity_map_bytes % TWO_MIB != 0 {
+        if self.identity_map_bytes == 0 || !self.identity_map_bytes.is_multiple_of(TWO_MIB) {
             return Err(invalid("identity_map_bytes must be a non-zero multiple of 2 MiB"));
         }
         if self.identity_map_bytes > MAX_IDENTITY {

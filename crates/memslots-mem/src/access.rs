@@ -470,13 +470,13 @@ fn atomic_ptr<T: GuestAtomic, L: Lookup + ?Sized>(
     write: bool,
 ) -> Result<Chunk<'_, L::D>, AccessError> {
     let size = size_of::<T>();
-    if gpa % size as u64 != 0 {
+    if !gpa.is_multiple_of(size as u64) {
         return Err(AccessError::at(0, gpa, AccessErrorKind::Misaligned));
     }
     let c = resolve(l, gpa, write).map_err(|k| AccessError::at(0, gpa, k))?;
     // Slots and mappings are page aligned, so an aligned gpa gives an aligned
     // host address with room for T; checked anyway.
-    if c.avail < size || (c.host as usize) % size != 0 {
+    if c.avail < size || !(c.host as usize).is_multiple_of(size) {
         return Err(AccessError::at(0, gpa, AccessErrorKind::Misaligned));
     }
     Ok(c)
@@ -484,9 +484,9 @@ fn atomic_ptr<T: GuestAtomic, L: Lookup + ?Sized>(
 
 fn load_impl<T: GuestAtomic, L: Lookup + ?Sized>(l: &L, gpa: u64, order: Ordering) -> Result<T, AccessError> {
     let size = size_of::<T>();
-    if gpa % size as u64 == 0 {
+    if gpa.is_multiple_of(size as u64) {
         if let Some((host, avail)) = l.fast_read(gpa) {
-            if avail >= size && (host as usize) % size == 0 {
+            if avail >= size && (host as usize).is_multiple_of(size) {
                 // SAFETY: aligned, inside a live mapping (see `Lookup::fast_read`).
                 return Ok(unsafe { T::atomic_load(host, order) });
             }

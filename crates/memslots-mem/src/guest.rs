@@ -519,7 +519,7 @@ impl<H: ArchHooks> GuestMemory<H> {
                 format!("no address space {as_id}"),
             )));
         }
-        if gpa % page != 0 || len % page != 0 || gpa.checked_add(len).is_none() {
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) || gpa.checked_add(len).is_none() {
             return Err(Error::Discard(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("discard range {gpa:#x}+{len:#x} is not page aligned or wraps"),

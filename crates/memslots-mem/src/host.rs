@@ -335,7 +335,7 @@ fn check_size(size: u64, huge: HugePages) -> Result<usize, MapError> {
         }
         _ => PAGE_SIZE,
     };
-    let ok = size != 0 && size % align == 0 && isize::try_from(size).is_ok();
+    let ok = size != 0 && size.is_multiple_of(align) && isize::try_from(size).is_ok();
     match usize::try_from(size) {
         Ok(len) if ok => Ok(len),
         _ => Err(MapError::BadSize { size, align }),
@@ -479,7 +479,7 @@ impl HostMemory {
             return Err(MapError::HugeTlbOnFile);
         }
         let len = check_size(size, opts.huge_pages)?;
-        if offset % PAGE_SIZE != 0 || offset.checked_add(size).is_none_or(|e| i64::try_from(e).is_err()) {
+        if !offset.is_multiple_of(PAGE_SIZE) || offset.checked_add(size).is_none_or(|e| i64::try_from(e).is_err()) {
             return Err(MapError::BadOffset { offset });
         }
         Ok(len)
@@ -690,7 +690,7 @@ impl HostMemory {
     /// a huge page, a `SIGBUS`).
     pub fn discard(&self, offset: usize, len: usize) -> io::Result<()> {
         let page = usize::try_from(memslots::PAGE_SIZE).unwrap_or(4096);
-        if offset % page != 0 || len % page != 0 {
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "discard range must be page aligned"));
         }
         let p = self
@@ -743,7 +743,7 @@ impl HostMemory {
     /// these.
     pub fn resident_pages(&self, offset: usize, len: usize) -> io::Result<Vec<bool>> {
         let page = usize::try_from(memslots::PAGE_SIZE).unwrap_or(4096);
-        if offset % page != 0 || len % page != 0 {
+        if !offset.is_multiple_of(page) || !len.is_multiple_of(page) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "range must be page aligned"));
         }
         let p = self

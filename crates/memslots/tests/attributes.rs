@@ -31,7 +31,7 @@ impl Model {
         if a.size == 0 || a.address.checked_add(a.size).is_none() {
             return Err(Errno::EINVAL);
         }
-        if a.address % PAGE != 0 || a.size % PAGE != 0 {
+        if !a.address.is_multiple_of(PAGE) || !a.size.is_multiple_of(PAGE) {
             return Err(Errno::EINVAL);
         }
         for g in a.address / PAGE..(a.address + a.size) / PAGE {

@@ -473,7 +473,7 @@ impl Log {
     fn push(&mut self, rec: Rec) {
         let seen = self.seen;
         self.seen += 1;
-        if seen % self.stride != 0 {
+        if !seen.is_multiple_of(self.stride) {
             return;
         }
         if self.recs.len() == self.cap {
@@ -483,7 +483,7 @@ impl Log {
                 i % 2 == 1
             });
             self.stride *= 2;
-            if seen % self.stride != 0 {
+            if !seen.is_multiple_of(self.stride) {
                 return;
             }
         }
@@ -624,7 +624,7 @@ fn run_reader(
                 let start = pick_gfn(&mut rng, 50).min(LOOKUP_SPACE - 8);
                 for i in 0..8 {
                     let gfn = start + i;
-                    let slot_lookup = i == 0 && burst % 8 == 0;
+                    let slot_lookup = i == 0 && burst.is_multiple_of(8);
                     let c0 = counter.load(SeqCst);
                     let ans = if slot_lookup {
                         let g = vcpu.read();
