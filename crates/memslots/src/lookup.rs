@@ -7,7 +7,7 @@
 
 use crate::arch::ArchHooks;
 use crate::error::HvaError;
-use crate::set::{GfnEntry, MemslotSet};
+use crate::set::MemslotSet;
 use crate::slot::MemorySlot;
 use crate::srcu::{ReaderRecord, SrcuGuard};
 use crate::sync::Arc;
@@ -164,7 +164,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
 
 /// Iterator over the slots intersecting a gfn range, in gfn order.
 pub struct GfnRange<'g, H: ArchHooks> {
-    inner: Option<crate::gfn_index::Iter<'g, GfnEntry<H::SlotData>>>,
+    inner: Option<crate::set::GfnIter<'g, H::SlotData>>,
     start: u64,
     end: u64,
 }
