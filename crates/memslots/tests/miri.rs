@@ -94,3 +94,36 @@ fn reader_races_writer() {
         stop.store(true, Ordering::Relaxed);
     });
 }
+
+/// Both set layouts and the switches between them (the small layout's
+/// pointers into its slot array, the rebuilds at 33 and 16 slots), and the
+/// lazily allocated metadata cells (install, read, free with the slot).
+#[test]
+fn set_layout_switches_and_lazy_metadata() {
+    use memslots::rmap::X86Mmu;
+    let vm = Vm::with_hooks(Config::x86_64().with_address_spaces(1), X86Mmu::new()).unwrap();
+    for s in 0..34u32 {
+        vm.set_user_memory_region(&region(s, 0, u64::from(s) * 0x10_0000, 0x2000)).unwrap();
+    }
+    assert_eq!(vm.enable_lazy_metadata(), Ok(true));
+    {
+        let g = vm.read();
+        for s in 0..34u16 {
+            let slot = g.gfn_to_memslot(0, u64::from(s) * 0x100 + 1).unwrap();
+            assert_eq!(slot.id, s);
+            assert!(slot.arch().rmap().is_some());
+        }
+        assert_eq!(g.slots_in_hva_range(HVA, HVA + 0x30_0000 - 1).count(), 3);
+    }
+    let vcpu = vm.vcpu();
+    for s in (0..34u32).rev().filter(|s| s % 2 == 0) {
+        vm.set_user_memory_region(&region(s, 0, 0, 0)).unwrap(); // down to 17, then small again at 16
+        assert!(vcpu.gfn_to_hva(u64::from(s) * 0x100).is_err());
+    }
+    vm.set_user_memory_region(&region(1, 0, 0x400_0000, 0x2000)).unwrap(); // move in the small layout
+    let g = vm.read();
+    assert_eq!(g.slots(0).count(), 17);
+    assert_eq!(g.gfn_to_memslot(0, 0x4001).map(|s| s.id), Some(1));
+    assert!(g.gfn_to_memslot(0, 0x4001).unwrap().arch().rmap().is_some());
+    assert_eq!(g.id_to_memslot(0, 33).map(|s| s.base_gfn), Some(33 * 0x100));
+}
