@@ -1,0 +1,143 @@
+//! The slot layout every implementation gets, and the precomputed random
+//! tables the lookup loops read (so the random number generator is not timed).
+//!
+//! Slot `i` covers guest physical `[i * 2 MiB, i * 2 MiB + 64 KiB)` (16
+//! pages) at host address `0x1000_0000 + i * 2 MiB`. A move sends slot `k`
+//! to `(n + k) * 2 MiB`, past every slot, and back.
+
+/// Pages per slot.
+pub const PAGES: u64 = 16;
+/// Bytes per slot (64 KiB).
+pub const SLOT_BYTES: u64 = PAGES << PAGE_SHIFT;
+/// log2 of the page size.
+pub const PAGE_SHIFT: u32 = 12;
+/// Guest (and host) distance between slot starts: 2 MiB.
+pub const STRIDE: u64 = 0x20_0000;
+/// [`STRIDE`] in pages.
+pub const STRIDE_PAGES: u64 = STRIDE >> PAGE_SHIFT;
+/// Host address of slot 0.
+pub const HVA_BASE: u64 = 0x1000_0000;
+/// Entries in each random table (2^16); loops index it with `i & (TABLE - 1)`.
+pub const TABLE: usize = 1 << 16;
+
+/// Guest physical address of slot `i`.
+pub fn gpa_of(i: u32) -> u64 {
+    u64::from(i) * STRIDE
+}
+
+/// Host address of slot `i`.
+pub fn hva_of(i: u32) -> u64 {
+    HVA_BASE + u64::from(i) * STRIDE
+}
+
+/// First gfn of slot `i`.
+pub fn gfn_of(i: u32) -> u64 {
+    gpa_of(i) >> PAGE_SHIFT
+}
+
+/// splitmix64.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u32) -> u32 {
+        u32::try_from(self.next_u64() % u64::from(n)).unwrap_or(0)
+    }
+}
+
+/// A table of [`TABLE`] values, indexed with a mask (no bounds check).
+pub type Table = Box<[u64; TABLE]>;
+
+fn table(v: Vec<u64>) -> Table {
+    v.into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!("tables have TABLE entries"))
+}
+
+/// The random inputs of the lookups at one slot count.
+pub struct Tables {
+    /// Random gfns, each in a random slot (random page of it).
+    pub gfns: Table,
+    /// Guest addresses for the 8-byte reads: the page of `gfns[i]`, a random
+    /// 8-byte aligned offset in it.
+    pub gpas: Table,
+    /// Random gfns where consecutive entries (cyclically) are never in the
+    /// same slot (with 2 slots or more): every lookup misses a one-entry
+    /// last-used-slot cache.
+    pub miss_gfns: Table,
+    /// Random gfns all inside one slot (slot `n / 2`): every lookup hits a
+    /// last-used-slot cache.
+    pub hit_gfns: Table,
+}
+
+impl Tables {
+    /// The tables for `n` slots (`n > 0`); the same for every run.
+    pub fn new(n: u32) -> Self {
+        let mut rng = Rng(0x5eed ^ u64::from(n));
+        let page = |rng: &mut Rng, slot: u32| gfn_of(slot) + rng.next_u64() % PAGES;
+        let gfns: Vec<u64> = (0..TABLE)
+            .map(|_| {
+                let s = rng.below(n);
+                page(&mut rng, s)
+            })
+            .collect();
+        let gpas = gfns.iter().map(|&g| (g << PAGE_SHIFT) | ((rng.next_u64() % 512) * 8)).collect();
+        let mut slots = Vec::with_capacity(TABLE);
+        let mut prev = 0u32;
+        for i in 0..TABLE {
+            let s = if n < 2 {
+                0
+            } else if i == 0 {
+                rng.below(n)
+            } else {
+                (prev + 1 + rng.below(n - 1)) % n
+            };
+            slots.push(s);
+            prev = s;
+        }
+        // The loops wrap around: the last entry must differ from the first
+        // too (with 2 slots the sequence alternates and TABLE is even).
+        if n > 2 && slots[TABLE - 1] == slots[0] {
+            let before = slots[TABLE - 2];
+            let mut s = (slots[0] + 1) % n;
+            if s == before {
+                s = (s + 1) % n;
+            }
+            slots[TABLE - 1] = s;
+        }
+        let miss_gfns = slots.iter().map(|&s| page(&mut rng, s)).collect();
+        let hit_gfns = (0..TABLE).map(|_| page(&mut rng, n / 2)).collect();
+        Tables { gfns: table(gfns), gpas: table(gpas), miss_gfns: table(miss_gfns), hit_gfns: table(hit_gfns) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_inside_slots_and_misses_never_repeat() {
+        for n in [1, 2, 3, 4, 16, 32000] {
+            let t = Tables::new(n);
+            let slot = |g: u64| g / STRIDE_PAGES;
+            for i in 0..TABLE {
+                for g in [t.gfns[i], t.miss_gfns[i], t.hit_gfns[i], t.gpas[i] >> PAGE_SHIFT] {
+                    assert!(slot(g) < u64::from(n) && g % STRIDE_PAGES < PAGES);
+                }
+                assert_eq!(t.gpas[i] >> PAGE_SHIFT, t.gfns[i]);
+                assert_eq!(t.gpas[i] % 8, 0);
+                assert_eq!(slot(t.hit_gfns[i]), u64::from(n / 2));
+                if n >= 2 {
+                    assert_ne!(slot(t.miss_gfns[i]), slot(t.miss_gfns[(i + 1) % TABLE]), "n={n} i={i}");
+                }
+            }
+        }
+    }
+}
