@@ -201,7 +201,7 @@ impl<D> Large<D> {
 }
 
 impl<D> MemslotSet<D> {
-    pub(crate) const fn new() -> Self {
+    pub(crate) fn new() -> Self {
         MemslotSet { layout: Layout::Small(Small::new()), last_used: AtomicPtr::new(core::ptr::null_mut()) }
     }
 
