@@ -224,7 +224,7 @@ impl<H: ArchHooks> Vm<H> {
     /// Enters a read section using the VM's shared reader record.
     #[inline]
     pub fn read(&self) -> ReadGuard<'_, H> {
-        ReadGuard::new(self, self.srcu.shared())
+        ReadGuard::new(self, self.srcu.anonymous())
     }
 
     /// A reader handle with its own record (for a thread doing many lookups).

@@ -44,12 +44,25 @@ impl ReaderRecord {
     }
 }
 
+/// The records a grace period scans (besides the shared one).
+type Registry = Mutex<Vec<Arc<ReaderRecord>>>;
+
 /// Grace-period domain of one VM.
 pub(crate) struct Srcu {
     phase: AtomicUsize,
     shared: ReaderRecord,
-    registry: Mutex<Vec<Arc<ReaderRecord>>>,
+    /// In an `Arc` so that a thread's record of this domain
+    /// ([`Srcu::anonymous`]) can unregister itself when the thread exits,
+    /// if the domain still exists.
+    registry: Arc<Registry>,
+    /// Never reused (a process-wide counter), unlike the domain's address:
+    /// keys the per-thread records.
+    #[cfg_attr(not(all(feature = "std", not(loom))), allow(dead_code))]
+    id: u64,
 }
+
+/// Source of [`Srcu::id`].
+static NEXT_DOMAIN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
 
 /// An open read section. While it lives, no set the reader may have seen is
 /// modified and no slot reachable from it is freed.
@@ -113,6 +126,94 @@ mod section_check {
     }
 }
 
+/// Per-thread reader records for anonymous lookups (`std` builds).
+///
+/// Each thread keeps, in a thread local, one record per grace-period domain
+/// it made anonymous lookups in, keyed by the domain's never-reused id, plus
+/// a one-entry cache of the last one used (the fast path: one thread-local
+/// load and a compare). The record is also in the domain's registry, which
+/// owns it for the grace periods and keeps it alive while the domain lives.
+///
+/// Lifetime: a record leaves the registry only (a) when its thread's locals
+/// are destroyed, and then only if no section is open on it (a guard kept in
+/// another thread local may outlive this one: its record then stays
+/// registered, owned by the registry), or (b) with the domain. A borrow
+/// returned by [`record`] lives no longer than the domain (`&'a Srcu`), so
+/// (b) cannot end it; (a) happens after every borrow this thread can still
+/// use, except those of guards, which keep the count non-zero.
+#[cfg(all(feature = "std", not(loom)))]
+mod per_thread {
+    use super::{ReaderRecord, Registry, Srcu};
+    use crate::sync::{lock, Arc, Ordering};
+    use alloc::sync::Weak;
+    use core::cell::{Cell, RefCell};
+    use std::vec::Vec;
+
+    struct Entry {
+        domain: u64,
+        record: Arc<ReaderRecord>,
+        registry: Weak<Registry>,
+    }
+
+    impl Drop for Entry {
+        fn drop(&mut self) {
+            let idle = self.record.counts.iter().all(|c| c.load(Ordering::SeqCst) == 0);
+            if let (true, Some(registry)) = (idle, self.registry.upgrade()) {
+                let mut r = lock(&registry);
+                if let Some(pos) = r.iter().position(|x| Arc::ptr_eq(x, &self.record)) {
+                    r.swap_remove(pos);
+                }
+            }
+        }
+    }
+
+    std::thread_local! {
+        /// (domain id, record) of the last anonymous lookup.
+        static LAST: Cell<(u64, *const ReaderRecord)> = const { Cell::new((0, core::ptr::null())) };
+        static ENTRIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// This thread's record of `srcu`, registering one if needed; `None`
+    /// while the thread's locals are being destroyed.
+    #[inline]
+    pub(super) fn record(srcu: &Srcu) -> Option<&ReaderRecord> {
+        let (domain, p) = LAST.try_with(Cell::get).ok()?;
+        if domain == srcu.id {
+            // SAFETY: `LAST` only holds a record of `ENTRIES` of this thread
+            // for domain `domain`; that record is in `srcu`'s registry (it is
+            // removed only when this thread's locals are destroyed, or with
+            // the domain, which `srcu` borrows), so it lives as long as the
+            // borrow of `srcu` (see the module docs).
+            return Some(unsafe { &*p });
+        }
+        slow(srcu)
+    }
+
+    #[cold]
+    fn slow(srcu: &Srcu) -> Option<&ReaderRecord> {
+        let p = ENTRIES
+            .try_with(|entries| {
+                let mut entries = entries.try_borrow_mut().ok()?;
+                if let Some(e) = entries.iter().find(|e| e.domain == srcu.id) {
+                    return Some(Arc::as_ptr(&e.record));
+                }
+                // Entries of domains that no longer exist go first (dropping
+                // one frees its record): memory stays proportional to the
+                // domains this thread still uses.
+                entries.retain(|e| e.registry.strong_count() > 0);
+                let record = srcu.register();
+                let p = Arc::as_ptr(&record);
+                entries.push(Entry { domain: srcu.id, record, registry: Arc::downgrade(&srcu.registry) });
+                Some(p)
+            })
+            .ok()??;
+        LAST.try_with(|l| l.set((srcu.id, p))).ok()?;
+        // SAFETY: as in `record`: the entry just found or made holds this
+        // record of `srcu`'s registry.
+        Some(unsafe { &*p })
+    }
+}
+
 impl core::fmt::Debug for Srcu {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Srcu").field("phase", &self.phase).finish_non_exhaustive()
@@ -121,7 +222,27 @@ impl core::fmt::Debug for Srcu {
 
 impl Srcu {
     pub(crate) fn new() -> Self {
-        Srcu { phase: AtomicUsize::new(0), shared: ReaderRecord::new(), registry: Mutex::new(Vec::new()) }
+        Srcu {
+            phase: AtomicUsize::new(0),
+            shared: ReaderRecord::new(),
+            registry: Arc::new(Mutex::new(Vec::new())),
+            id: NEXT_DOMAIN.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// The record for a lookup made without a reader handle: with `std`, the
+    /// calling thread's own record of this domain (registered on its first
+    /// anonymous lookup, unregistered when the thread exits), so threads
+    /// doing anonymous lookups never share a counter's cache line; without
+    /// `std` (or once the thread's locals are being destroyed), the shared
+    /// record.
+    #[inline]
+    pub(crate) fn anonymous(&self) -> &ReaderRecord {
+        #[cfg(all(feature = "std", not(loom)))]
+        if let Some(r) = per_thread::record(self) {
+            return r;
+        }
+        &self.shared
     }
 
     /// Registers a reader record of its own for a long-lived reader.
@@ -144,7 +265,9 @@ impl Srcu {
         lock(&self.registry).len()
     }
 
-    /// The VM-wide record used by lookups made without a reader handle.
+    /// The VM-wide record (lookups made without a reader handle, where
+    /// there are no per-thread records).
+    #[cfg_attr(not(loom), allow(dead_code))]
     pub(crate) fn shared(&self) -> &ReaderRecord {
         &self.shared
     }

@@ -203,7 +203,9 @@ impl<H: ArchHooks> Vm<H> {
         self.spaces.get(usize::from(as_id)).map(TwoSets::generation)
     }
 
-    /// Registered reader handles (vCPUs and [`Reader`](crate::Reader)s).
+    /// Registered reader records: one per vCPU and [`Reader`](crate::Reader),
+    /// and (with `std`) one per live thread that made anonymous lookups
+    /// (`vm.read()`, `vm.gfn_to_hva`, ...), removed when that thread exits.
     pub fn registered_readers(&self) -> usize {
         self.srcu.registered()
     }
