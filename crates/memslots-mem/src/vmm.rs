@@ -28,6 +28,8 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use arc_swap::ArcSwapOption;
+
 use memslots::{ArchHooks, NoArch, SlotDesc, PAGE_SHIFT};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice, BS};
 use vm_memory::guest_memory::Result as GmResult;
@@ -366,7 +368,8 @@ impl<H: ArchHooks> GuestMemory<H> {
     /// the delete's grace period), so it never keeps a deleted slot's
     /// mapping alive on its own.
     pub fn address_space(&self, as_id: u16) -> MemslotsAddressSpace<H> {
-        let cache: Arc<SnapshotCache<H>> = Arc::new(SnapshotCache(Mutex::new(None)));
+        let cache: Arc<SnapshotCache<H>> =
+            Arc::new(SnapshotCache { current: ArcSwapOption::empty(), update: Mutex::new(()) });
         let weak: std::sync::Weak<dyn ClearOnDelete> = Arc::downgrade(&(Arc::clone(&cache) as Arc<dyn ClearOnDelete>));
         self.mem_hooks().add_cache(weak);
         MemslotsAddressSpace { mem: self.clone(), as_id, cache }
@@ -374,18 +377,27 @@ impl<H: ArchHooks> GuestMemory<H> {
 }
 
 /// The snapshot a [`MemslotsAddressSpace`] (and its clones) reuse.
-struct SnapshotCache<H: ArchHooks>(Mutex<Option<Arc<MemslotsSnapshot<H>>>>);
+///
+/// `memory()` reads it without a lock (an `ArcSwapOption` load, as
+/// `GuestMemoryAtomic` does) while the generation is unchanged. Replacing
+/// it (`memory()` after a change) and clearing it (a slot was deleted) are
+/// serialised by `update`, so a snapshot taken before a delete's clear is
+/// never stored after it: a slot deleted and cleared is not kept alive by
+/// the cache.
+struct SnapshotCache<H: ArchHooks> {
+    current: ArcSwapOption<MemslotsSnapshot<H>>,
+    update: Mutex<()>,
+}
 
 impl<H: ArchHooks> ClearOnDelete for SnapshotCache<H> {
     fn clear(&self, as_id: u16) {
-        let mut c = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if c.as_ref().is_some_and(|s| s.as_id == as_id) {
-            // Dropped after the lock is released: the last reference to a
-            // mapping unmaps it.
-            let old = c.take();
-            drop(c);
-            drop(old);
-        }
+        let lock = self.update.lock().unwrap_or_else(PoisonError::into_inner);
+        let old =
+            if self.current.load().as_ref().is_some_and(|s| s.as_id == as_id) { self.current.swap(None) } else { None };
+        // Dropped after the lock is released: the last reference to a
+        // mapping unmaps it.
+        drop(lock);
+        drop(old);
     }
 }
 
@@ -414,6 +426,19 @@ impl<H: ArchHooks> Clone for MemslotsAddressSpace<H> {
 }
 
 impl<H: ArchHooks> MemslotsAddressSpace<H> {
+    /// `memory()` after a change: a fresh snapshot, cached unless it was
+    /// taken while an update was in progress (it may be stale then).
+    #[cold]
+    fn refresh(&self) -> Arc<MemslotsSnapshot<H>> {
+        let update = self.cache.update.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = self.mem.snapshot(self.as_id);
+        let keep = s.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0;
+        let old = self.cache.current.swap(keep.then(|| Arc::clone(&s)));
+        drop(update);
+        drop(old);
+        s
+    }
+
     /// The guest memory.
     pub fn guest_memory(&self) -> &GuestMemory<H> {
         &self.mem
@@ -428,17 +453,14 @@ impl<H: ArchHooks> GuestAddressSpace for MemslotsAddressSpace<H> {
     type M = MemslotsSnapshot<H>;
     type T = Arc<MemslotsSnapshot<H>>;
 
+    #[inline]
     fn memory(&self) -> Arc<MemslotsSnapshot<H>> {
-        let mut cache = self.cache.0.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.mem.vm().generation(self.as_id);
-        if let Some(s) = cache.as_ref() {
+        if let Some(s) = self.cache.current.load().as_ref() {
             if Some(s.generation) == now {
                 return Arc::clone(s);
             }
         }
-        let s = self.mem.snapshot(self.as_id);
-        // A snapshot taken while an update was in progress may be stale.
-        *cache = (s.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0).then(|| Arc::clone(&s));
-        s
+        self.refresh()
     }
 }
