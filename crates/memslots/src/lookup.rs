@@ -46,6 +46,26 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
         ReadGuard { vm, guard: vm.srcu.read_lock(record) }
     }
 
+    /// A section the library opens and closes inside one call on this
+    /// thread ([`Srcu::read_lock_one_call`](crate::srcu::Srcu::read_lock_one_call)):
+    /// the guard must stay a local of the caller.
+    #[inline]
+    pub(crate) fn one_call(vm: &'a Vm<H>) -> Self {
+        ReadGuard { vm, guard: vm.srcu.read_lock_one_call() }
+    }
+
+    /// A section on `record`, left with a plain store.
+    ///
+    /// # Safety
+    ///
+    /// As [`Srcu::read_lock_exclusive`](crate::srcu::Srcu::read_lock_exclusive):
+    /// every section on `record` is entered and left on the calling thread.
+    #[inline]
+    pub(crate) unsafe fn exclusive(vm: &'a Vm<H>, record: &'a ReaderRecord) -> Self {
+        // SAFETY: the caller's contract.
+        ReadGuard { vm, guard: unsafe { vm.srcu.read_lock_exclusive(record) } }
+    }
+
     /// The active set of `as_id`, or `None` if the address space does not exist.
     #[inline]
     pub(crate) fn set(&self, as_id: u16) -> Option<&MemslotSet<H::SlotData>> {
@@ -235,22 +255,22 @@ impl<H: ArchHooks> Vm<H> {
     /// [`ReadGuard::gfn_to_hva`] in a section of its own.
     #[inline]
     pub fn gfn_to_hva(&self, as_id: u16, gfn: u64) -> Result<u64, HvaError> {
-        self.read().gfn_to_hva(as_id, gfn)
+        ReadGuard::one_call(self).gfn_to_hva(as_id, gfn)
     }
 
     /// [`ReadGuard::gfn_to_hva_prot`] in a section of its own.
     pub fn gfn_to_hva_prot(&self, as_id: u16, gfn: u64) -> Result<(u64, bool), HvaError> {
-        self.read().gfn_to_hva_prot(as_id, gfn)
+        ReadGuard::one_call(self).gfn_to_hva_prot(as_id, gfn)
     }
 
     /// The description of the slot covering `gfn` (a copy, usable after the section).
     pub fn gfn_to_slot_desc(&self, as_id: u16, gfn: u64) -> Option<crate::SlotDesc> {
-        self.read().gfn_to_memslot(as_id, gfn).map(|s| s.desc)
+        ReadGuard::one_call(self).gfn_to_memslot(as_id, gfn).map(|s| s.desc)
     }
 
     /// The description of slot `as_id`/`id` (a copy).
     pub fn id_to_slot_desc(&self, as_id: u16, id: u16) -> Option<crate::SlotDesc> {
-        self.read().id_to_memslot(as_id, id).map(|s| s.desc)
+        ReadGuard::one_call(self).id_to_memslot(as_id, id).map(|s| s.desc)
     }
 
     /// MMU-notifier invalidation: the host range `[start, end)` changed. For

@@ -419,7 +419,7 @@ impl<D> MemslotSet<D> {
     }
 
     /// Whether the set is in the small layout.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     fn is_small(&self) -> bool {
         matches!(self.layout, Layout::Small(_))
     }

@@ -70,6 +70,9 @@ static NEXT_DOMAIN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU6
 pub(crate) struct SrcuGuard<'a> {
     record: &'a ReaderRecord,
     phase: usize,
+    /// Every section on `record` is entered and left on this thread
+    /// ([`Srcu::read_lock_exclusive`]): leaving is a plain release store.
+    exclusive: bool,
     /// The domain, for the debug-build reentrancy check.
     #[cfg(all(feature = "std", debug_assertions, not(loom)))]
     domain: usize,
@@ -80,7 +83,16 @@ impl Drop for SrcuGuard<'_> {
     fn drop(&mut self) {
         // Release: everything this reader read happens-before the writer's
         // acquire load that sees the counter drop.
-        self.record.counts[self.phase].fetch_sub(1, Ordering::Release);
+        let count = &self.record.counts[self.phase];
+        if self.exclusive {
+            // Only this thread writes `count` (the contract of
+            // `read_lock_exclusive`), so a load and a store are the
+            // decrement, without a locked instruction (half the cost of a
+            // section on x86).
+            count.store(count.load(Ordering::Relaxed) - 1, Ordering::Release);
+        } else {
+            count.fetch_sub(1, Ordering::Release);
+        }
         #[cfg(all(feature = "std", debug_assertions, not(loom)))]
         section_check::exit(self.domain);
     }
@@ -101,9 +113,15 @@ mod section_check {
     }
 
     pub(super) fn enter(domain: usize) {
-        OPEN.with_borrow_mut(|open| match open.iter_mut().find(|(d, _)| *d == domain) {
-            Some((_, n)) => *n += 1,
-            None => open.push((domain, 1)),
+        // Not during the thread's exit (a lookup from another thread local's
+        // destructor, after this one was destroyed): best effort.
+        let _ = OPEN.try_with(|open| {
+            if let Ok(mut open) = open.try_borrow_mut() {
+                match open.iter_mut().find(|(d, _)| *d == domain) {
+                    Some((_, n)) => *n += 1,
+                    None => open.push((domain, 1)),
+                }
+            }
         });
     }
 
@@ -111,7 +129,7 @@ mod section_check {
         // A guard dropped on another thread than it was made on is not found
         // here; the check is best effort, never a false alarm.
         let _ = OPEN.try_with(|open| {
-            let mut open = open.borrow_mut();
+            let Ok(mut open) = open.try_borrow_mut() else { return };
             if let Some(i) = open.iter().position(|(d, _)| *d == domain) {
                 open[i].1 -= 1;
                 if open[i].1 == 0 {
@@ -128,19 +146,25 @@ mod section_check {
 
 /// Per-thread reader records for anonymous lookups (`std` builds).
 ///
-/// Each thread keeps, in a thread local, one record per grace-period domain
-/// it made anonymous lookups in, keyed by the domain's never-reused id, plus
-/// a one-entry cache of the last one used (the fast path: one thread-local
-/// load and a compare). The record is also in the domain's registry, which
-/// owns it for the grace periods and keeps it alive while the domain lives.
+/// Each thread keeps, in a thread local, two records per grace-period
+/// domain it made anonymous lookups in, keyed by the domain's never-reused
+/// id: one for guards handed to the caller (`vm.read()`: a guard may be
+/// sent to and dropped on another thread, so it leaves with an atomic
+/// decrement), and one for the sections the library opens and closes inside
+/// one call on this thread (`vm.gfn_to_hva`, ...: exclusive, left with a
+/// plain store, see [`Srcu::read_lock_exclusive`]). A one-entry cache of the
+/// last domain used makes the common case one thread-local load and a
+/// compare. Both records are also in the domain's registry, which owns them
+/// for the grace periods and keeps them alive while the domain lives.
 ///
 /// Lifetime: a record leaves the registry only (a) when its thread's locals
 /// are destroyed, and then only if no section is open on it (a guard kept in
 /// another thread local may outlive this one: its record then stays
 /// registered, owned by the registry), or (b) with the domain. A borrow
-/// returned by [`record`] lives no longer than the domain (`&'a Srcu`), so
-/// (b) cannot end it; (a) happens after every borrow this thread can still
-/// use, except those of guards, which keep the count non-zero.
+/// returned here lives no longer than the domain (`&'a Srcu`), so (b)
+/// cannot end it; for (a), the cache is emptied before a record is let go,
+/// so a lookup made later (from another thread local's destructor) takes the
+/// shared record instead.
 #[cfg(all(feature = "std", not(loom)))]
 mod per_thread {
     use super::{ReaderRecord, Registry, Srcu};
@@ -149,68 +173,82 @@ mod per_thread {
     use core::cell::{Cell, RefCell};
     use std::vec::Vec;
 
+    /// This thread's records of one domain: (for guards that may travel,
+    /// for the library's own one-call sections).
+    pub(super) type Records<'a> = (&'a ReaderRecord, &'a ReaderRecord);
+
     struct Entry {
         domain: u64,
-        record: Arc<ReaderRecord>,
+        shared: Arc<ReaderRecord>,
+        exclusive: Arc<ReaderRecord>,
         registry: Weak<Registry>,
     }
 
     impl Drop for Entry {
         fn drop(&mut self) {
-            let idle = self.record.counts.iter().all(|c| c.load(Ordering::SeqCst) == 0);
-            if let (true, Some(registry)) = (idle, self.registry.upgrade()) {
-                let mut r = lock(&registry);
-                if let Some(pos) = r.iter().position(|x| Arc::ptr_eq(x, &self.record)) {
-                    r.swap_remove(pos);
+            // First forget the cached pointers: nothing may reach these
+            // records through the cache once they may be freed.
+            let _ = LAST.try_with(|l| l.set(EMPTY));
+            let Some(registry) = self.registry.upgrade() else { return };
+            let mut r = lock(&registry);
+            for record in [&self.shared, &self.exclusive] {
+                let idle = record.counts.iter().all(|c| c.load(Ordering::SeqCst) == 0);
+                if idle {
+                    if let Some(pos) = r.iter().position(|x| Arc::ptr_eq(x, record)) {
+                        r.swap_remove(pos);
+                    }
                 }
             }
         }
     }
 
+    const EMPTY: (u64, *const ReaderRecord, *const ReaderRecord) = (0, core::ptr::null(), core::ptr::null());
+
     std::thread_local! {
-        /// (domain id, record) of the last anonymous lookup.
-        static LAST: Cell<(u64, *const ReaderRecord)> = const { Cell::new((0, core::ptr::null())) };
+        /// (domain id, records) of the last anonymous lookup; domain 0 is
+        /// no domain.
+        static LAST: Cell<(u64, *const ReaderRecord, *const ReaderRecord)> = const { Cell::new(EMPTY) };
         static ENTRIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// This thread's record of `srcu`, registering one if needed; `None`
+    /// This thread's records of `srcu`, registering them if needed; `None`
     /// while the thread's locals are being destroyed.
     #[inline]
-    pub(super) fn record(srcu: &Srcu) -> Option<&ReaderRecord> {
-        let (domain, p) = LAST.try_with(Cell::get).ok()?;
+    pub(super) fn records(srcu: &Srcu) -> Option<Records<'_>> {
+        let (domain, shared, exclusive) = LAST.try_with(Cell::get).ok()?;
         if domain == srcu.id {
-            // SAFETY: `LAST` only holds a record of `ENTRIES` of this thread
-            // for domain `domain`; that record is in `srcu`'s registry (it is
-            // removed only when this thread's locals are destroyed, or with
-            // the domain, which `srcu` borrows), so it lives as long as the
-            // borrow of `srcu` (see the module docs).
-            return Some(unsafe { &*p });
+            // SAFETY: `LAST` holds the records of an entry of `ENTRIES` of
+            // this thread for domain `domain` (an entry empties it before it
+            // lets its records go); they are in `srcu`'s registry, which
+            // keeps them alive as long as the borrow of `srcu` (see the
+            // module docs).
+            return Some(unsafe { (&*shared, &*exclusive) });
         }
         slow(srcu)
     }
 
     #[cold]
-    fn slow(srcu: &Srcu) -> Option<&ReaderRecord> {
-        let p = ENTRIES
+    fn slow(srcu: &Srcu) -> Option<Records<'_>> {
+        let (shared, exclusive) = ENTRIES
             .try_with(|entries| {
                 let mut entries = entries.try_borrow_mut().ok()?;
                 if let Some(e) = entries.iter().find(|e| e.domain == srcu.id) {
-                    return Some(Arc::as_ptr(&e.record));
+                    return Some((Arc::as_ptr(&e.shared), Arc::as_ptr(&e.exclusive)));
                 }
                 // Entries of domains that no longer exist go first (dropping
-                // one frees its record): memory stays proportional to the
+                // one frees its records): memory stays proportional to the
                 // domains this thread still uses.
                 entries.retain(|e| e.registry.strong_count() > 0);
-                let record = srcu.register();
-                let p = Arc::as_ptr(&record);
-                entries.push(Entry { domain: srcu.id, record, registry: Arc::downgrade(&srcu.registry) });
+                let (shared, exclusive) = (srcu.register(), srcu.register());
+                let p = (Arc::as_ptr(&shared), Arc::as_ptr(&exclusive));
+                entries.push(Entry { domain: srcu.id, shared, exclusive, registry: Arc::downgrade(&srcu.registry) });
                 Some(p)
             })
             .ok()??;
-        LAST.try_with(|l| l.set((srcu.id, p))).ok()?;
-        // SAFETY: as in `record`: the entry just found or made holds this
-        // record of `srcu`'s registry.
-        Some(unsafe { &*p })
+        LAST.try_with(|l| l.set((srcu.id, shared, exclusive))).ok()?;
+        // SAFETY: as in `records`: the entry just found or made holds these
+        // records of `srcu`'s registry.
+        Some(unsafe { (&*shared, &*exclusive) })
     }
 }
 
@@ -230,19 +268,37 @@ impl Srcu {
         }
     }
 
-    /// The record for a lookup made without a reader handle: with `std`, the
-    /// calling thread's own record of this domain (registered on its first
-    /// anonymous lookup, unregistered when the thread exits), so threads
-    /// doing anonymous lookups never share a counter's cache line; without
-    /// `std` (or once the thread's locals are being destroyed), the shared
-    /// record.
+    /// The record for a guard handed to a caller without a reader handle
+    /// (`vm.read()`): with `std`, the calling thread's own record of this
+    /// domain (registered on its first anonymous lookup, unregistered when
+    /// the thread exits), so threads never share a counter's cache line;
+    /// without `std` (or once the thread's locals are being destroyed), the
+    /// shared record.
     #[inline]
     pub(crate) fn anonymous(&self) -> &ReaderRecord {
         #[cfg(all(feature = "std", not(loom)))]
-        if let Some(r) = per_thread::record(self) {
+        if let Some((r, _)) = per_thread::records(self) {
             return r;
         }
         &self.shared
+    }
+
+    /// A section the library enters and leaves inside one call on this
+    /// thread (an anonymous lookup such as `vm.gfn_to_hva`): with `std`, on
+    /// the thread's exclusive record, left with a plain store; otherwise as
+    /// [`anonymous`](Self::anonymous). The guard must not leave the calling
+    /// thread (callers keep it in a local and never hand it out).
+    #[inline]
+    pub(crate) fn read_lock_one_call(&self) -> SrcuGuard<'_> {
+        #[cfg(all(feature = "std", not(loom)))]
+        if let Some((_, r)) = per_thread::records(self) {
+            // SAFETY: the thread's exclusive record is used only here, by
+            // sections that callers open and close on this thread (its
+            // pointer never leaves `per_thread` otherwise), so every section
+            // on it is entered and left on this thread.
+            return unsafe { self.read_lock_exclusive(r) };
+        }
+        self.read_lock(&self.shared)
     }
 
     /// Registers a reader record of its own for a long-lived reader.
@@ -276,6 +332,27 @@ impl Srcu {
     /// writer flipped the phase at the same moment.
     #[inline]
     pub(crate) fn read_lock<'a>(&self, record: &'a ReaderRecord) -> SrcuGuard<'a> {
+        self.read_lock_as(record, false)
+    }
+
+    /// [`read_lock`](Self::read_lock) for a record whose sections are all
+    /// entered and left on the calling thread: the guard leaves with a plain
+    /// store instead of an atomic decrement.
+    ///
+    /// # Safety
+    ///
+    /// While the guard lives, and for every other section ever made on
+    /// `record`, the section is entered and left on the thread calling this
+    /// (no other thread enters or leaves a section on `record`). A
+    /// decrement racing with another thread's increment could lose it, and a
+    /// grace period could then end under a reader.
+    #[inline]
+    pub(crate) unsafe fn read_lock_exclusive<'a>(&self, record: &'a ReaderRecord) -> SrcuGuard<'a> {
+        self.read_lock_as(record, true)
+    }
+
+    #[inline]
+    fn read_lock_as<'a>(&self, record: &'a ReaderRecord, exclusive: bool) -> SrcuGuard<'a> {
         loop {
             let phase = self.phase.load(Ordering::SeqCst);
             record.counts[phase].fetch_add(1, Ordering::SeqCst);
@@ -286,6 +363,7 @@ impl Srcu {
                 return SrcuGuard {
                     record,
                     phase,
+                    exclusive,
                     #[cfg(all(feature = "std", debug_assertions, not(loom)))]
                     domain: self.domain(),
                 };
@@ -507,7 +585,10 @@ mod loom_tests {
         b: u64,
     }
 
-    fn run(readers: usize, updates: u64) {
+    /// Reader 0 uses the shared record (atomic decrements) unless
+    /// `all_own`; the others, and reader 0 then, register their own and
+    /// leave with a plain store (`read_lock_exclusive`).
+    fn run(readers: usize, updates: u64, all_own: bool) {
         loom::model(move || {
             let srcu = Arc::new(Srcu::new());
             let sets = Arc::new(TwoSets::new(Set { a: 0, b: 0 }, Set { a: 0, b: 0 }, 0, 1));
@@ -517,12 +598,16 @@ mod loom_tests {
                 let srcu = Arc::clone(&srcu);
                 let sets = Arc::clone(&sets);
                 handles.push(thread::spawn(move || {
-                    let record = if r == 0 { None } else { Some(srcu.register()) };
+                    let record = if r == 0 && !all_own { None } else { Some(srcu.register()) };
                     let mut cached: Option<(u64, Set)> = None;
                     let mut last_seen = 0;
                     for _ in 0..2 {
-                        let rec = record.as_deref().unwrap_or(srcu.shared());
-                        let guard = srcu.read_lock(rec);
+                        let guard = match record.as_deref() {
+                            // SAFETY: this thread registered the record and
+                            // is the only one making sections on it.
+                            Some(rec) => unsafe { srcu.read_lock_exclusive(rec) },
+                            None => srcu.read_lock(srcu.shared()),
+                        };
                         let gen = sets.generation();
                         let seen = sets.with_active(&guard, |s| *s);
                         assert_eq!(seen.a, seen.b, "torn set");
@@ -569,11 +654,16 @@ mod loom_tests {
 
     #[test]
     fn loom_one_reader_two_updates() {
-        run(1, 2);
+        run(1, 2, false);
+    }
+
+    #[test]
+    fn loom_one_exclusive_reader_two_updates() {
+        run(1, 2, true);
     }
 
     #[test]
     fn loom_two_readers_one_update() {
-        run(2, 1);
+        run(2, 1, false);
     }
 }

@@ -171,7 +171,12 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
     /// Enters a read section on this vCPU's own record.
     #[inline]
     pub fn read(&self) -> VcpuGuard<'_, 'a, H> {
-        VcpuGuard { vcpu: self, guard: ReadGuard::new(self.vm, &self.record) }
+        // SAFETY: the record is this vCPU's own; its only sections are made
+        // here. `Vcpu` is not `Sync` and the guard borrows it, so the guard
+        // is not `Send` and the handle cannot move while it lives: every
+        // section on the record is entered and left on one thread.
+        let guard = unsafe { ReadGuard::exclusive(self.vm, &self.record) };
+        VcpuGuard { vcpu: self, guard }
     }
 
     /// `kvm_vcpu_gfn_to_hva`: host address of `gfn` in the current address

@@ -1,9 +1,13 @@
 //! Per-thread reader records for anonymous lookups (`vm.gfn_to_hva`,
-//! `vm.read()`): one per thread and VM, registered on first use, removed
+//! `vm.read()`): two per thread and VM (one for guards handed out, one for
+//! the library's own one-call sections), registered on first use, removed
 //! when the thread exits, never shared between threads, and never freed
-//! while a section is open on it.
+//! while a section is open on them.
 
-use memslots::{Config, UserMemoryRegion, Vm};
+/// Records a thread registers per VM.
+const PER_THREAD: usize = 2;
+
+use memslots::{Config, UserMemoryRegion, Vm, KVM_MEM_LOG_DIRTY_PAGES};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
@@ -22,10 +26,10 @@ fn a_thread_registers_one_record_per_vm_and_removes_it_when_it_exits() {
     let base = vm.registered_readers();
     vm.gfn_to_hva(0, 1).unwrap();
     let mine = vm.registered_readers();
-    assert_eq!(mine, base + 1, "this thread's record");
+    assert_eq!(mine, base + PER_THREAD, "this thread's records");
     vm.gfn_to_hva(0, 2).unwrap();
     drop(vm.read());
-    assert_eq!(vm.registered_readers(), mine, "one record per thread, reused");
+    assert_eq!(vm.registered_readers(), mine, "the same records, reused");
     let (inside, go) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
     let t = {
         let (vm, inside, go) = (Arc::clone(&vm), Arc::clone(&inside), Arc::clone(&go));
@@ -39,7 +43,7 @@ fn a_thread_registers_one_record_per_vm_and_removes_it_when_it_exits() {
         })
     };
     inside.wait();
-    assert_eq!(vm.registered_readers(), mine + 1, "the other thread's record");
+    assert_eq!(vm.registered_readers(), mine + PER_THREAD, "the other thread's records");
     go.wait();
     t.join().unwrap();
     assert_eq!(vm.registered_readers(), mine, "removed at thread exit");
@@ -57,7 +61,7 @@ fn a_new_vm_after_a_dropped_one_gets_its_own_record() {
         let vm = Arc::new(vm());
         let base = vm.registered_readers();
         assert_eq!(vm.gfn_to_hva(0, round % 256), Ok(HVA + ((round % 256) << 12)));
-        assert_eq!(vm.registered_readers(), base + 1, "round {round}");
+        assert_eq!(vm.registered_readers(), base + PER_THREAD, "round {round}");
         // A writer waits for this thread's open section on the new VM.
         let guard = vm.read();
         let done = Arc::new(AtomicBool::new(false));
@@ -154,4 +158,66 @@ fn short_lived_threads_and_a_moving_slot() {
     let moves = writer.join().unwrap();
     assert!(moves > 0);
     assert_eq!(vm.registered_readers(), base, "{threads} threads left records behind");
+}
+
+static STATIC_VM2: OnceLock<Vm> = OnceLock::new();
+
+/// Looks a gfn up while the thread's locals are being destroyed (before or
+/// after the records' own thread local: the order is unspecified).
+struct LookupOnExit;
+
+impl Drop for LookupOnExit {
+    fn drop(&mut self) {
+        let vm = STATIC_VM2.get().unwrap();
+        assert_eq!(vm.gfn_to_hva(0, 2), Ok(HVA + 0x2000));
+        drop(vm.read());
+    }
+}
+
+std::thread_local! {
+    static ON_EXIT: std::cell::RefCell<Option<LookupOnExit>> = const { std::cell::RefCell::new(None) };
+}
+
+#[test]
+fn lookups_from_thread_local_destructors_use_live_records() {
+    let vm = STATIC_VM2.get_or_init(vm);
+    for round in 0..4 {
+        std::thread::spawn(move || {
+            // Thread-local destructors run in some order tied to when each
+            // was registered: register ours before and after the records'.
+            if round % 2 == 0 {
+                ON_EXIT.with_borrow_mut(|o| *o = Some(LookupOnExit));
+                assert_eq!(vm.gfn_to_hva(0, 1), Ok(HVA + 0x1000));
+            } else {
+                assert_eq!(vm.gfn_to_hva(0, 1), Ok(HVA + 0x1000));
+                ON_EXIT.with_borrow_mut(|o| *o = Some(LookupOnExit));
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    let t = Instant::now();
+    vm.set_user_memory_region(&UserMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 0x10_0000, HVA)).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "a record was left with a count");
+    vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0, 0x10_0000, HVA)).unwrap();
+}
+
+#[test]
+fn nested_sections_on_a_vcpu_record_balance() {
+    let vm = vm();
+    let vcpu = vm.vcpu();
+    {
+        let g = vcpu.read();
+        assert!(g.gfn_to_memslot(1).is_some());
+        // Misses inside the open section: nested sections on the vCPU's record.
+        for gfn in [2u64, 0x300, 5, 0x10_0000] {
+            let _ = vcpu.gfn_to_hva(gfn);
+            let _ = vm.gfn_to_hva(0, gfn);
+        }
+        drop(g);
+    }
+    let t = Instant::now();
+    vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0x100_0000, 0x10_0000, HVA)).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(vcpu.gfn_to_hva(0x1001), Ok(HVA + 0x1000));
 }
