@@ -318,9 +318,8 @@ fn floor_index(v: &[u64], x: u64) -> Option<usize> {
     let (mut base, mut len) = (0usize, v.len());
     while len > 1 {
         let half = len / 2;
-        if v[base + half] <= x {
-            base += half;
-        }
+        // A conditional move, not a branch (random addresses mispredict).
+        base = core::hint::select_unpredictable(v[base + half] <= x, base + half, base);
         len -= half;
     }
     Some(base)
