@@ -241,7 +241,8 @@ impl<H: ArchHooks> Drop for Reader<'_, H> {
 }
 
 impl<H: ArchHooks> Vm<H> {
-    /// Enters a read section using the VM's shared reader record.
+    /// Enters a read section on the calling thread's own reader record of
+    /// this VM (with `std`; the VM's shared record without it).
     #[inline]
     pub fn read(&self) -> ReadGuard<'_, H> {
         ReadGuard::new(self, self.srcu.anonymous())

@@ -8,8 +8,9 @@
 //! the phase; leaving decrements it. A writer publishes its change (a release
 //! store of the new active index), flips the phase with a `SeqCst` store, and
 //! waits until every record's counter of the old phase is zero. Records are
-//! either owned by one reader handle (a vCPU, a `Reader`) or the VM's shared
-//! record used by anonymous lookups.
+//! owned by one reader handle (a vCPU, a `Reader`), by a thread for its
+//! anonymous lookups (`per_thread`, with `std`), or the VM's shared record
+//! (anonymous lookups without `std` or during a thread's exit).
 //!
 //! Why one flip suffices: a reader that read the old active set passed its
 //! phase re-check before the writer's publish (the re-check precedes its load

@@ -204,7 +204,7 @@ impl<H: ArchHooks> Vm<H> {
     }
 
     /// Registered reader records: one per vCPU and [`Reader`](crate::Reader),
-    /// and (with `std`) one per live thread that made anonymous lookups
+    /// and (with `std`) two per live thread that made anonymous lookups
     /// (`vm.read()`, `vm.gfn_to_hva`, ...), removed when that thread exits.
     pub fn registered_readers(&self) -> usize {
         self.srcu.registered()
