@@ -35,23 +35,12 @@ pub fn gfn_of(i: u32) -> u64 {
     gpa_of(i) >> PAGE_SHIFT
 }
 
-/// splitmix64.
-pub struct Rng(pub u64);
+/// The library's own SplitMix64 (what its traces use).
+pub use memslots::trace::Rng;
 
-impl Rng {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u32) -> u32 {
-        u32::try_from(self.next_u64() % u64::from(n)).unwrap_or(0)
-    }
+/// Uniform in `0..n` (`n > 0`).
+pub fn below(rng: &mut Rng, n: u32) -> u32 {
+    u32::try_from(rng.below(u64::from(n))).unwrap_or(0)
 }
 
 /// A table of [`TABLE`] values, indexed with a mask (no bounds check).
@@ -80,11 +69,11 @@ pub struct Tables {
 impl Tables {
     /// The tables for `n` slots (`n > 0`); the same for every run.
     pub fn new(n: u32) -> Self {
-        let mut rng = Rng(0x5eed ^ u64::from(n));
+        let mut rng = Rng::new(0x5eed ^ u64::from(n));
         let page = |rng: &mut Rng, slot: u32| gfn_of(slot) + rng.next_u64() % PAGES;
         let gfns: Vec<u64> = (0..TABLE)
             .map(|_| {
-                let s = rng.below(n);
+                let s = below(&mut rng, n);
                 page(&mut rng, s)
             })
             .collect();
@@ -95,9 +84,9 @@ impl Tables {
             let s = if n < 2 {
                 0
             } else if i == 0 {
-                rng.below(n)
+                below(&mut rng, n)
             } else {
-                (prev + 1 + rng.below(n - 1)) % n
+                (prev + 1 + below(&mut rng, n - 1)) % n
             };
             slots.push(s);
             prev = s;

@@ -118,7 +118,7 @@ fn chase(kib: usize) -> f64 {
     let n = kib * 1024 / std::mem::size_of::<usize>();
     // Sattolo's algorithm: one cycle through every element.
     let mut next: Vec<usize> = (0..n).collect();
-    let mut rng = layout::Rng(0xc0ffee ^ n as u64);
+    let mut rng = layout::Rng::new(0xc0ffee ^ n as u64);
     for i in (1..n).rev() {
         let j = usize::try_from(rng.next_u64() % i as u64).unwrap_or(0);
         next.swap(i, j);

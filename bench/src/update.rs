@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use memslots::Vm;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::layout::{gfn_of, gpa_of, Rng, PAGE_SHIFT, SLOT_BYTES};
+use crate::layout::{below, gfn_of, gpa_of, Rng, PAGE_SHIFT, SLOT_BYTES};
 use crate::lookup::{entry, new_vm, region, ImblMap, SlotMap};
 use crate::stats::{rotated, Stat};
 use crate::{ns, Error, Plan};
@@ -243,10 +243,10 @@ pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan) -> Result<
     let mut stores: Vec<Box<dyn Store + '_>> =
         stores.into_iter().map(|s| s.ok_or("no build")).collect::<Result<_, _>>()?;
 
-    let mut rng = Rng(0xbeef ^ u64::from(n));
+    let mut rng = Rng::new(0xbeef ^ u64::from(n));
     let mut perm: Vec<u32> = (0..n).collect();
     for i in (1..perm.len()).rev() {
-        let j = usize::try_from(rng.below(u32::try_from(i + 1)?))?;
+        let j = usize::try_from(below(&mut rng, u32::try_from(i + 1)?))?;
         perm.swap(i, j);
     }
     let batch = (n / 10).clamp(1, plan.batch_ops);
@@ -288,7 +288,7 @@ pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan) -> Result<
                 s.create(k)?;
             }
         }
-        let ks: Vec<u32> = (0..pairs).map(|_| rng.below(n)).collect();
+        let ks: Vec<u32> = (0..pairs).map(|_| below(&mut rng, n)).collect();
         for j in rotated(m, rep) {
             let s = &mut stores[j];
             let t = Instant::now();
