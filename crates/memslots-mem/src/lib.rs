@@ -53,4 +53,4 @@ pub use access::{Access, AccessError, AccessErrorKind, DirtyTracker, GuestAtomic
 pub use guest::{Error, GuestMemory, GuestVcpu, MemHooks, Slot, SlotBacking, SlotData};
 pub use host::{Backing, HostMemory, HugePages, MapError, MapOptions, Sharing, HUGE_PAGE_1G, HUGE_PAGE_2M};
 pub use vm_memory;
-pub use vmm::{MemslotsAddressSpace, MemslotsRegion, MemslotsSnapshot, SlotDirtyLog, SlotDirtySlice};
+pub use vmm::{MemslotsAddressSpace, MemslotsRegion, MemslotsSnapshot, SlotDirtyLog, SlotDirtySlice, SnapshotGuard};

@@ -28,7 +28,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, Guard};
 
 use memslots::{ArchHooks, NoArch, SlotDesc, PAGE_SHIFT};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice, BS};
@@ -367,8 +367,7 @@ impl<H: ArchHooks> GuestMemory<H> {
     /// the delete's grace period), so it never keeps a deleted slot's
     /// mapping alive on its own.
     pub fn address_space(&self, as_id: u16) -> MemslotsAddressSpace<H> {
-        let cache: Arc<SnapshotCache<H>> =
-            Arc::new(SnapshotCache { current: ArcSwapOption::empty(), update: Mutex::new(()) });
+        let cache: Arc<SnapshotCache<H>> = Arc::new(SnapshotCache::new(as_id));
         let weak: std::sync::Weak<dyn ClearOnDelete> = Arc::downgrade(&(Arc::clone(&cache) as Arc<dyn ClearOnDelete>));
         self.mem_hooks().add_cache(weak);
         MemslotsAddressSpace { mem: self.clone(), as_id, cache }
@@ -377,26 +376,85 @@ impl<H: ArchHooks> GuestMemory<H> {
 
 /// The snapshot a [`MemslotsAddressSpace`] (and its clones) reuse.
 ///
-/// `memory()` reads it without a lock (an `ArcSwapOption` load, as
+/// `memory()` reads it without a lock (an `ArcSwap` load, as
 /// `GuestMemoryAtomic` does) while the generation is unchanged. Replacing
 /// it (`memory()` after a change) and clearing it (a slot was deleted) are
 /// serialised by `update`, so a snapshot taken before a delete's clear is
 /// never stored after it: a slot deleted and cleared is not kept alive by
-/// the cache.
+/// the cache. Cleared, it holds `empty`, a snapshot with no regions whose
+/// generation has [`GEN_UPDATE_IN_PROGRESS`](memslots::GEN_UPDATE_IN_PROGRESS)
+/// set, which `memory()` never returns from the cache.
 struct SnapshotCache<H: ArchHooks> {
-    current: ArcSwapOption<MemslotsSnapshot<H>>,
+    current: ArcSwap<MemslotsSnapshot<H>>,
+    empty: Arc<MemslotsSnapshot<H>>,
     update: Mutex<()>,
+}
+
+impl<H: ArchHooks> SnapshotCache<H> {
+    fn new(as_id: u16) -> Self {
+        let empty = Arc::new(MemslotsSnapshot { as_id, generation: u64::MAX, regions: Vec::new(), starts: Vec::new() });
+        SnapshotCache { current: ArcSwap::new(Arc::clone(&empty)), empty, update: Mutex::new(()) }
+    }
+
+    /// Stores `s` (or the empty snapshot) under the update lock; the old
+    /// one is dropped after the lock is released (the last reference to a
+    /// mapping unmaps it).
+    fn replace_locked(&self, lock: std::sync::MutexGuard<'_, ()>, s: Option<Arc<MemslotsSnapshot<H>>>) {
+        let old = self.current.swap(s.unwrap_or_else(|| Arc::clone(&self.empty)));
+        drop(lock);
+        drop(old);
+    }
 }
 
 impl<H: ArchHooks> ClearOnDelete for SnapshotCache<H> {
     fn clear(&self, as_id: u16) {
         let lock = self.update.lock().unwrap_or_else(PoisonError::into_inner);
-        let old =
-            if self.current.load().as_ref().is_some_and(|s| s.as_id == as_id) { self.current.swap(None) } else { None };
-        // Dropped after the lock is released: the last reference to a
-        // mapping unmaps it.
-        drop(lock);
-        drop(old);
+        if self.current.load().as_id == as_id {
+            self.replace_locked(lock, None);
+        }
+    }
+}
+
+/// What [`MemslotsAddressSpace`]'s [`memory()`](GuestAddressSpace::memory)
+/// returns: the current snapshot, borrowed from the address space's cache
+/// without touching its reference count (an `arc_swap` guard, as
+/// `GuestMemoryAtomic`'s `GuestMemoryLoadGuard`), or owned when the
+/// snapshot was just taken. It keeps the snapshot (and so its mappings)
+/// alive while it lives, like an `Arc`; a thread holding many guards at once
+/// makes the later ones reference counted. Clones are reference counted.
+pub struct SnapshotGuard<H: ArchHooks = NoArch> {
+    guard: Guard<Arc<MemslotsSnapshot<H>>>,
+}
+
+impl<H: ArchHooks> SnapshotGuard<H> {
+    /// The snapshot as an `Arc` (one reference count more).
+    pub fn to_arc(&self) -> Arc<MemslotsSnapshot<H>> {
+        Arc::clone(&self.guard)
+    }
+
+    /// Whether two guards show the same snapshot.
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.guard, &b.guard)
+    }
+}
+
+impl<H: ArchHooks> Clone for SnapshotGuard<H> {
+    fn clone(&self) -> Self {
+        SnapshotGuard { guard: Guard::from_inner(self.to_arc()) }
+    }
+}
+
+impl<H: ArchHooks> std::ops::Deref for SnapshotGuard<H> {
+    type Target = MemslotsSnapshot<H>;
+    #[inline]
+    fn deref(&self) -> &MemslotsSnapshot<H> {
+        &self.guard
+    }
+}
+
+impl<H: ArchHooks> std::fmt::Debug for SnapshotGuard<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
     }
 }
 
@@ -428,14 +486,12 @@ impl<H: ArchHooks> MemslotsAddressSpace<H> {
     /// `memory()` after a change: a fresh snapshot, cached unless it was
     /// taken while an update was in progress (it may be stale then).
     #[cold]
-    fn refresh(&self) -> Arc<MemslotsSnapshot<H>> {
+    fn refresh(&self) -> SnapshotGuard<H> {
         let update = self.cache.update.lock().unwrap_or_else(PoisonError::into_inner);
         let s = self.mem.snapshot(self.as_id);
         let keep = s.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0;
-        let old = self.cache.current.swap(keep.then(|| Arc::clone(&s)));
-        drop(update);
-        drop(old);
-        s
+        self.cache.replace_locked(update, keep.then(|| Arc::clone(&s)));
+        SnapshotGuard { guard: Guard::from_inner(s) }
     }
 
     /// The guest memory.
@@ -450,16 +506,18 @@ impl<H: ArchHooks> MemslotsAddressSpace<H> {
 
 impl<H: ArchHooks> GuestAddressSpace for MemslotsAddressSpace<H> {
     type M = MemslotsSnapshot<H>;
-    type T = Arc<MemslotsSnapshot<H>>;
+    type T = SnapshotGuard<H>;
 
     #[inline]
-    fn memory(&self) -> Arc<MemslotsSnapshot<H>> {
+    fn memory(&self) -> SnapshotGuard<H> {
         let now = self.mem.vm().generation(self.as_id);
-        if let Some(s) = self.cache.current.load().as_ref() {
-            if Some(s.generation) == now {
-                return Arc::clone(s);
-            }
+        let guard = self.cache.current.load();
+        // A cached snapshot never has the in-progress bit (the empty one
+        // has it, so it is never returned from here).
+        if Some(guard.generation) == now && guard.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0 {
+            return SnapshotGuard { guard };
         }
+        drop(guard);
         self.refresh()
     }
 }

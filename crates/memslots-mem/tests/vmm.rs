@@ -12,7 +12,7 @@ use memslots_mem::vm_memory::bitmap::Bitmap;
 use memslots_mem::vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
-use memslots_mem::{GuestMemory, MapOptions};
+use memslots_mem::{GuestMemory, MapOptions, SnapshotGuard};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -97,13 +97,21 @@ fn snapshots_are_snapshots_and_keep_mappings_alive() {
     let space = mem.address_space(0);
     let s1 = space.memory();
     let s2 = space.memory();
-    assert!(Arc::ptr_eq(&s1, &s2), "unchanged memslots: the same snapshot");
+    assert!(SnapshotGuard::ptr_eq(&s1, &s2), "unchanged memslots: the same snapshot");
+    // memory() while nothing changed borrows the cached snapshot (an
+    // arc-swap guard): no reference count per call, as GuestMemoryAtomic.
+    let count = Arc::strong_count(&s1.to_arc());
+    let more: Vec<_> = (0..3).map(|_| space.memory()).collect();
+    assert_eq!(Arc::strong_count(&s1.to_arc()), count, "memory() took a reference count");
+    let owned = s1.clone();
+    assert_eq!(Arc::strong_count(&s1.to_arc()), count + 1, "a clone is reference counted");
+    drop((more, owned));
     // Delete the slot: the snapshot does not see it, and keeps the mapping mapped.
     mem.delete_region(0).unwrap();
     assert!(weak.upgrade().is_some());
     assert_eq!(s1.read_obj::<u8>(GuestAddress(PG)).unwrap(), 0x61);
     let s3 = space.memory();
-    assert!(!Arc::ptr_eq(&s1, &s3), "a fresh snapshot after a change");
+    assert!(!SnapshotGuard::ptr_eq(&s1, &s3), "a fresh snapshot after a change");
     assert_eq!(s3.num_regions(), 0);
     assert!(s3.read_obj::<u8>(GuestAddress(PG)).is_err());
     drop((s1, s2, space));
