@@ -167,6 +167,17 @@ impl<D> Small<D> {
 }
 
 impl<D> Large<D> {
+    /// The entry covering `gfn`. Not inlined: the indexed search is large,
+    /// and kept out of line it leaves [`MemslotSet::search`] small enough for
+    /// a user's crate to inline the small layout's search into its loop
+    /// (with the default release profile `ReadGuard::gfn_to_hva_many` was
+    /// otherwise a call per lookup, at every size).
+    #[inline(never)]
+    fn search(&self, gfn: u64) -> Option<(u64, GfnEntry<D>)> {
+        let (base, e) = self.by_gfn.floor(gfn)?;
+        (gfn - base < e.npages).then_some((base, *e))
+    }
+
     fn new() -> Self {
         Large { by_id: HashMap::new(), by_gfn: GfnIndex::new(), by_hva: HvaTree::new() }
     }
@@ -342,10 +353,7 @@ impl<D> MemslotSet<D> {
                 let slot = &*s.slots[i];
                 (gfn - slot.base_gfn < slot.npages).then(|| (slot.base_gfn, entry_of(slot)))
             }
-            Layout::Large(l) => {
-                let (base, e) = l.by_gfn.floor(gfn)?;
-                (gfn - base < e.npages).then_some((base, *e))
-            }
+            Layout::Large(l) => l.search(gfn),
         }
     }
 
