@@ -18,19 +18,18 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub mod kvm;
 pub mod layout;
 pub mod lookup;
 pub mod report;
 pub mod stats;
+pub mod timing;
 pub mod update;
+
+pub use stats::ns;
 
 /// Errors of the harness (setup failures, a peer that translates wrongly).
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// Nanoseconds of a duration.
-pub fn ns(d: Duration) -> f64 {
-    d.as_nanos() as f64
-}
 
 /// How much to measure.
 #[derive(Clone, Debug, Serialize)]
@@ -254,6 +253,13 @@ pub struct Options {
     /// Printed after the profile on the `build:` line, e.g. `(default
     /// profile, no overrides)` for the standalone harness.
     pub build_note: String,
+    /// Add the kernel's raw `KVM_SET_USER_MEMORY_REGION` to the updates
+    /// (`/dev/kvm` must be usable; slot counts above its
+    /// `KVM_CAP_NR_MEMSLOTS` leave it out). Off in the standalone harness.
+    pub kvm: bool,
+    /// Measure `flags` (dirty logging on and off) for memslots and the
+    /// kernel. Off in the standalone harness.
+    pub flags: bool,
 }
 
 /// What the standalone harness prints after its profile.
@@ -284,6 +290,8 @@ pub fn run(opts: &Options, out: &mut dyn std::io::Write, progress: &mut dyn FnMu
 pub fn measure(machine: Machine, opts: &Options, progress: &mut dyn FnMut(u32, &str)) -> Result<Report, Error> {
     opts.validate()?;
     let plan = opts.plan.clone();
+    let kvm = if opts.kvm { Some(kvm::open().map_err(|e| format!("kvm peer: {e}"))?) } else { None };
+    let extras = update::Extras { kvm: kvm.as_ref().map(|(k, nr)| (k, *nr)), flags: opts.flags };
     let start = Instant::now();
     let ticks = cpu_ticks();
     let (mut lookups, mut two_threads, mut updates) = (Vec::new(), Vec::new(), Vec::new());
@@ -304,7 +312,7 @@ pub fn measure(machine: Machine, opts: &Options, progress: &mut dyn FnMut(u32, &
             }
         }
         progress(n, "updates");
-        for (op, key, label, ns) in update::measure(n, &regions, &plan)? {
+        for (op, key, label, ns) in update::measure(n, &regions, &plan, extras)? {
             updates.push(UpdateRow { slots: n, op, key, label, ns });
         }
     }

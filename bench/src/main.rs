@@ -20,6 +20,10 @@ struct Args {
     /// Also write every figure and verdict as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Also measure the kernel's raw KVM_SET_USER_MEMORY_REGION (updates
+    /// table) and `flags` (dirty logging on and off), as `memslots perf` does.
+    #[arg(long)]
+    kvm: bool,
     /// Slot counts to measure instead of the standard ones (comma separated;
     /// verdicts at sizes not measured print SKIP).
     #[arg(long, value_delimiter = ',', hide = true)]
@@ -27,7 +31,12 @@ struct Args {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    let opts = Options { plan: Plan::new(args.quick, args.sizes), build_note: STANDALONE_BUILD_NOTE.to_owned() };
+    let opts = Options {
+        plan: Plan::new(args.quick, args.sizes),
+        build_note: STANDALONE_BUILD_NOTE.to_owned(),
+        kvm: args.kvm,
+        flags: args.kvm,
+    };
     opts.validate()?;
     // Fail on a bad path before measuring anything.
     let mut json =

@@ -134,6 +134,9 @@ pub fn print(out: &mut dyn Write, r: &Report) -> io::Result<()> {
          both timed; build: create slots 0..n from empty. One writer, no readers. x memslots: median / memslots median.",
         r.plan.batch_ops
     )?;
+    if r.updates.iter().any(|x| x.op == "flags") {
+        writeln!(out, "flags: KVM_MEM_LOG_DIRTY_PAGES on, then off, on a random slot; both timed.")?;
+    }
     let w = 44;
     writeln!(
         out,
