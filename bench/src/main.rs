@@ -46,7 +46,7 @@ fn run(args: Args) -> Result<(), Error> {
     let report = memslots_bench::run(&opts, &mut stdout.lock(), &mut |n, what| {
         eprintln!("[{:6.1} s] {n} slots: {what}", start.elapsed().as_secs_f64());
     })?;
-    eprintln!("[{:6.1} s] done", report.seconds);
+    eprintln!("[{:6.1} s] done", start.elapsed().as_secs_f64());
     report::print(&mut stdout.lock(), &report)?;
     if let (Some(file), Some(path)) = (json.as_mut(), args.json.as_ref()) {
         serde_json::to_writer_pretty(&mut *file, &report)?;
