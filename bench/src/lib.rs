@@ -100,8 +100,9 @@ pub struct Machine {
     pub load_latency_ns: Vec<(usize, f64)>,
 }
 
-/// ns per load of a random cyclic pointer chase over `kib` KiB.
-fn chase(kib: usize) -> f64 {
+/// ns per load of a random cyclic pointer chase over `kib` KiB (the
+/// latency of one dependent random load at that working set).
+pub fn load_latency_ns(kib: usize) -> f64 {
     let n = kib * 1024 / std::mem::size_of::<usize>();
     // Sattolo's algorithm: one cycle through every element.
     let mut next: Vec<usize> = (0..n).collect();
@@ -175,7 +176,7 @@ impl Machine {
             ),
             loadavg: read("/proc/loadavg"),
             timer_ns: timer_cost(),
-            load_latency_ns: [256, 1024, 16 * 1024].into_iter().map(|k| (k, chase(k))).collect(),
+            load_latency_ns: [256, 1024, 16 * 1024].into_iter().map(|k| (k, load_latency_ns(k))).collect(),
         }
     }
 }

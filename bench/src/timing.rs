@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::layout::TABLE;
 use crate::stats::{ns, Stat};
 
 /// Runs `op(i)` for `i` in `0..iters` under one timer. For nanosecond
@@ -17,6 +18,26 @@ pub fn time_loop(iters: u64, mut op: impl FnMut(usize)) -> Duration {
         op(i);
     }
     t.elapsed()
+}
+
+/// [`time_loop`] with the index masked into a [`TABLE`]-entry table:
+/// `op(i & (TABLE - 1))`.
+#[inline(always)]
+pub fn time_table(iters: u64, mut op: impl FnMut(usize)) -> Duration {
+    time_loop(iters, |i| op(i & (TABLE - 1)))
+}
+
+/// `iters` rounds of an untimed `setup` and a timed `op`; the total of the
+/// timed parts (for criterion's `iter_custom`).
+pub fn time_after(iters: u64, mut setup: impl FnMut(), mut op: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        setup();
+        let t = Instant::now();
+        op();
+        total += t.elapsed();
+    }
+    total
 }
 
 /// Slots changed per timed create/delete batch at `n` slots: at most
