@@ -207,7 +207,12 @@ fn perf_tiny_writes_tables_json_and_svg() {
         assert!(lo <= mid && mid <= hi, "min <= median <= max: {p}");
         assert!(p["median_ns"].as_f64().is_some_and(|x| x > 0.0), "non-positive time: {p}");
     }
-    for (metric, imp) in [("lookup_random", "memslots"), ("lookup_random", "vm-memory"), ("move", "vm-memory-atomic"), ("flags", "memslots")] {
+    for (metric, imp) in [
+        ("lookup_random", "memslots"),
+        ("lookup_random", "vm-memory"),
+        ("move", "vm-memory-atomic"),
+        ("flags", "memslots"),
+    ] {
         assert!(micro.iter().any(|p| p["metric"] == metric && p["implementation"] == imp), "no {metric}/{imp} point");
     }
     if kvm && v["host"]["kvm"] == true {
