@@ -43,6 +43,36 @@ pub fn below(rng: &mut Rng, n: u32) -> u32 {
     u32::try_from(rng.below(u64::from(n))).unwrap_or(0)
 }
 
+/// A random permutation of `0..n` (Fisher-Yates, drawing from `rng`):
+/// consecutive windows of it, cycled, are distinct slots.
+pub fn permutation(rng: &mut Rng, n: u32) -> Vec<u32> {
+    let mut perm: Vec<u32> = (0..n).collect();
+    for i in (1..n).rev() {
+        perm.swap(i as usize, below(rng, i + 1) as usize);
+    }
+    perm
+}
+
+/// `len` random slot ids in `0..n` (`n > 0`).
+pub fn random_slots(rng: &mut Rng, n: u32, len: usize) -> Vec<u32> {
+    (0..len).map(|_| below(rng, n)).collect()
+}
+
+/// [`TABLE`] random 8-byte aligned guest addresses, each in a random one of
+/// `slots` slots of `slot_bytes` bytes at `i * STRIDE` (the guest-memory
+/// benchmarks' layout, whose slots may be smaller than [`SLOT_BYTES`]).
+pub fn random_gpas(slots: u64, slot_bytes: u64, seed: u64) -> Vec<u64> {
+    let mut rng = Rng::new(seed);
+    (0..TABLE).map(|_| rng.below(slots) * STRIDE + rng.below(slot_bytes / 8) * 8).collect()
+}
+
+/// `len` random values in `0..below` (`below > 0`), from `seed`: page
+/// numbers to dirty, indices into a slot.
+pub fn random_below(len: usize, below: u64, seed: u64) -> Vec<u64> {
+    let mut rng = Rng::new(seed);
+    (0..len).map(|_| rng.below(below)).collect()
+}
+
 /// A table of [`TABLE`] values, indexed with a mask (no bounds check).
 pub type Table = Box<[u64; TABLE]>;
 
@@ -110,6 +140,18 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permutations_and_addresses() {
+        let mut p = permutation(&mut Rng::new(1), 1000);
+        p.sort_unstable();
+        assert_eq!(p, (0..1000).collect::<Vec<_>>());
+        for g in random_gpas(100, 0x4000, 3) {
+            assert!(g / STRIDE < 100 && g % STRIDE < 0x4000 && g % 8 == 0);
+        }
+        assert!(random_slots(&mut Rng::new(2), 7, 100).iter().all(|&s| s < 7));
+        assert!(random_below(100, 5, 4).iter().all(|&x| x < 5));
+    }
 
     #[test]
     fn tables_are_inside_slots_and_misses_never_repeat() {

@@ -1,34 +1,15 @@
-//! Benchmark harness for memslots: random gfn -> hva lookups (one thread and
-//! two), and slot updates, side by side with rust-vmm's vm-memory,
-//! `ArcSwap<BTreeMap>`, `ArcSwap<imbl::OrdMap>`, `RwLock<BTreeMap>` and a
-//! lower bound, in one run on one machine. See README.md.
-//!
-//! ```sh
-//! cargo run --release --manifest-path bench/Cargo.toml -- --quick [--json PATH]
-//! ```
+//! The standalone harness: `cargo run --release --manifest-path
+//! bench/Cargo.toml -- --quick [--json PATH]`. A thin command-line wrapper
+//! around [`memslots_bench::run`]; see README.md.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
-use serde::Serialize;
-
-mod layout;
-mod lookup;
-mod report;
-mod stats;
-mod update;
-
-/// Errors of the harness (setup failures, a peer that translates wrongly).
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// Nanoseconds of a duration.
-pub fn ns(d: Duration) -> f64 {
-    d.as_nanos() as f64
-}
+use memslots_bench::{report, Error, Options, Plan, STANDALONE_BUILD_NOTE};
 
 #[derive(Parser, Debug)]
 #[command(about = "memslots lookups and updates against vm-memory, ArcSwap, imbl, RwLock and a lower bound")]
@@ -39,267 +20,34 @@ struct Args {
     /// Also write every figure and verdict as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Also measure the kernel's raw KVM_SET_USER_MEMORY_REGION (updates
+    /// table) and `flags` (dirty logging on and off), as `memslots perf` does.
+    #[arg(long)]
+    kvm: bool,
     /// Slot counts to measure instead of the standard ones (comma separated;
     /// verdicts at sizes not measured print SKIP).
     #[arg(long, value_delimiter = ',', hide = true)]
     sizes: Option<Vec<u32>>,
 }
 
-/// How much to measure.
-#[derive(Clone, Debug, Serialize)]
-pub struct Plan {
-    /// "quick" or "full".
-    pub mode: &'static str,
-    /// Slot counts.
-    pub sizes: Vec<u32>,
-    /// Repetitions (samples) per figure; the implementations' order is
-    /// rotated each repetition.
-    pub reps: usize,
-    /// Lookups per lookup sample.
-    pub lookup_iters: usize,
-    /// Updates per create/delete/move sample, at most.
-    pub batch_ops: u32,
-    /// Builds repeat while an implementation's builds so far took less.
-    pub build_budget: Duration,
-}
-
-/// The standard slot counts.
-pub const SIZES: [u32; 7] = [1, 4, 16, 64, 256, 4096, 32000];
-
-impl Plan {
-    fn new(quick: bool, sizes: Option<Vec<u32>>) -> Self {
-        let sizes = sizes.unwrap_or_else(|| SIZES.to_vec());
-        if quick {
-            Plan {
-                mode: "quick",
-                sizes,
-                reps: 7,
-                lookup_iters: 1 << 17,
-                batch_ops: 16,
-                build_budget: Duration::from_millis(300),
-            }
-        } else {
-            Plan {
-                mode: "full",
-                sizes,
-                reps: 11,
-                lookup_iters: 1 << 20,
-                batch_ops: 32,
-                build_budget: Duration::from_secs(3),
-            }
-        }
-    }
-}
-
-/// The machine and build the figures come from.
-#[derive(Debug, Serialize)]
-pub struct Machine {
-    /// `lscpu` model name.
-    pub cpu: String,
-    /// CPUs this process may run on (`nproc`).
-    pub nproc: usize,
-    /// `uname -r`.
-    pub kernel: String,
-    /// `rustc -V` of the compiler that built this binary.
-    pub rustc: &'static str,
-    /// Cargo profile and its optimisation level.
-    pub build: String,
-    /// `/proc/loadavg` at the start (the machine may be shared).
-    pub loadavg: String,
-    /// Median cost of one `Instant::now()` + `elapsed()` pair, ns.
-    pub timer_ns: f64,
-    /// Latency of random dependent loads, ns, by working set (KiB): the
-    /// state of the caches this run had (a busy neighbour raises the large ones).
-    pub load_latency_ns: Vec<(usize, f64)>,
-}
-
-/// ns per load of a random cyclic pointer chase over `kib` KiB.
-fn chase(kib: usize) -> f64 {
-    let n = kib * 1024 / std::mem::size_of::<usize>();
-    // Sattolo's algorithm: one cycle through every element.
-    let mut next: Vec<usize> = (0..n).collect();
-    let mut rng = layout::Rng::new(0xc0ffee ^ n as u64);
-    for i in (1..n).rev() {
-        let j = usize::try_from(rng.next_u64() % i as u64).unwrap_or(0);
-        next.swap(i, j);
-    }
-    let steps: u32 = 1 << 20;
-    let mut p = 0usize;
-    for _ in 0..n {
-        p = next[p];
-    }
-    let t = Instant::now();
-    for _ in 0..steps {
-        p = next[std::hint::black_box(p)];
-    }
-    let e = t.elapsed();
-    std::hint::black_box(p);
-    ns(e) / f64::from(steps)
-}
-
-/// Steal and total CPU time so far (`/proc/stat`, all CPUs, in ticks).
-fn cpu_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal (guest time is in user).
-    Some((*v.get(7)?, v.iter().take(8).sum()))
-}
-
-fn cpu_model() -> String {
-    let from_lscpu = Command::new("lscpu").output().ok().and_then(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("Model name:").map(|m| m.trim().to_owned()))
-    });
-    from_lscpu
-        .or_else(|| {
-            std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
-                c.lines().find_map(|l| {
-                    l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-                })
-            })
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-fn timer_cost() -> f64 {
-    let mut v: Vec<f64> = (0..1001).map(|_| ns(std::hint::black_box(Instant::now()).elapsed())).collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-impl Machine {
-    fn probe() -> Self {
-        let read = |p: &str| std::fs::read_to_string(p).map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
-        let debug_assertions = if cfg!(debug_assertions) { "on" } else { "off" };
-        Machine {
-            cpu: cpu_model(),
-            nproc: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            kernel: read("/proc/sys/kernel/osrelease"),
-            rustc: env!("BENCH_RUSTC_VERSION"),
-            build: format!(
-                "profile {}, opt-level {}, debuginfo {}, debug-assertions {debug_assertions} (default profile, no overrides)",
-                env!("BENCH_PROFILE"),
-                env!("BENCH_OPT_LEVEL"),
-                env!("BENCH_DEBUG"),
-            ),
-            loadavg: read("/proc/loadavg"),
-            timer_ns: timer_cost(),
-            load_latency_ns: [256, 1024, 16 * 1024].into_iter().map(|k| (k, chase(k))).collect(),
-        }
-    }
-}
-
-/// One lookup figure.
-#[derive(Debug, Serialize)]
-pub struct LookupRow {
-    /// Slot count.
-    pub slots: u32,
-    /// Implementation key.
-    pub key: &'static str,
-    /// Implementation, as printed.
-    pub label: &'static str,
-    /// ns per lookup (per thread, for two threads).
-    pub ns: stats::Stat,
-}
-
-/// One two-thread lookup figure.
-#[derive(Debug, Serialize)]
-pub struct TwoThreadRow {
-    /// Slot count.
-    pub slots: u32,
-    /// Implementation key.
-    pub key: &'static str,
-    /// Implementation, as printed.
-    pub label: &'static str,
-    /// Per-thread ns per lookup, two threads at once.
-    pub ns: stats::Stat,
-    /// ns per lookup on one thread, measured alternately with `ns`.
-    pub one_thread: stats::Stat,
-}
-
-/// One update figure.
-#[derive(Debug, Serialize)]
-pub struct UpdateRow {
-    /// Slot count.
-    pub slots: u32,
-    /// create, delete, move or build.
-    pub op: &'static str,
-    /// Implementation key.
-    pub key: &'static str,
-    /// Implementation, as printed.
-    pub label: &'static str,
-    /// ns per operation (per whole build for `build`).
-    pub ns: stats::Stat,
-}
-
-/// Everything one run measured.
-#[derive(Debug, Serialize)]
-pub struct Report {
-    /// Where.
-    pub machine: Machine,
-    /// How much.
-    pub plan: Plan,
-    /// Lookups on one thread.
-    pub lookups: Vec<LookupRow>,
-    /// Lookups on two threads at once.
-    pub two_threads: Vec<TwoThreadRow>,
-    /// Updates.
-    pub updates: Vec<UpdateRow>,
-    /// The targets.
-    pub verdicts: Vec<report::Verdict>,
-    /// Wall time of the measurements, s.
-    pub seconds: f64,
-    /// Share of all CPUs' time stolen by the hypervisor during the
-    /// measurements (`/proc/stat`), if known.
-    pub steal: Option<f64>,
-}
-
 fn run(args: Args) -> Result<(), Error> {
-    let plan = Plan::new(args.quick, args.sizes);
-    if plan.sizes.is_empty() || plan.sizes.iter().any(|&n| n == 0 || n > 32_000) {
-        return Err("slot counts must be 1..=32000".into());
-    }
+    let opts = Options {
+        plan: Plan::new(args.quick, args.sizes),
+        build_note: STANDALONE_BUILD_NOTE.to_owned(),
+        kvm: args.kvm,
+        flags: args.kvm,
+    };
+    opts.validate()?;
     // Fail on a bad path before measuring anything.
     let mut json =
         args.json.as_ref().map(|p| File::create(p).map_err(|e| format!("{}: {e}", p.display()))).transpose()?;
-    let machine = Machine::probe();
-    report::header(&machine, &plan);
+    let stdout = std::io::stdout();
     let start = Instant::now();
-    let ticks = cpu_ticks();
-    let (mut lookups, mut two_threads, mut updates) = (Vec::new(), Vec::new(), Vec::new());
-    for &n in &plan.sizes {
-        let progress = |what: &str| eprintln!("[{:6.1} s] {n} slots: {what}", start.elapsed().as_secs_f64());
-        progress("setup");
-        let regions = lookup::vmm_regions(n)?;
-        {
-            let fixture = lookup::Fixture::new(n, &regions)?;
-            fixture.check()?;
-            let cases = lookup::cases(&fixture);
-            progress("lookups, one thread");
-            for (key, label, ns) in lookup::measure(&fixture, &cases, &plan) {
-                lookups.push(LookupRow { slots: n, key, label, ns });
-            }
-            progress("lookups, two threads");
-            for (key, label, ns, one_thread) in lookup::measure_two_threads(&fixture, &cases, &plan) {
-                two_threads.push(TwoThreadRow { slots: n, key, label, ns, one_thread });
-            }
-        }
-        progress("updates");
-        for (op, key, label, ns) in update::measure(n, &regions, &plan)? {
-            updates.push(UpdateRow { slots: n, op, key, label, ns });
-        }
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    #[allow(clippy::cast_precision_loss)]
-    let steal = ticks
-        .zip(cpu_ticks())
-        .and_then(|((s0, t0), (s1, t1))| (t1 > t0).then(|| s1.saturating_sub(s0) as f64 / (t1 - t0) as f64));
-    eprintln!("[{seconds:6.1} s] done");
-    let verdicts = report::verdicts(&lookups, &two_threads, &updates);
-    let report = Report { machine, plan, lookups, two_threads, updates, verdicts, seconds, steal };
-    report::print(&report);
+    let report = memslots_bench::run(&opts, &mut stdout.lock(), &mut |n, what| {
+        eprintln!("[{:6.1} s] {n} slots: {what}", start.elapsed().as_secs_f64());
+    })?;
+    eprintln!("[{:6.1} s] done", start.elapsed().as_secs_f64());
+    report::print(&mut stdout.lock(), &report)?;
     if let (Some(file), Some(path)) = (json.as_mut(), args.json.as_ref()) {
         serde_json::to_writer_pretty(&mut *file, &report)?;
         writeln!(file)?;

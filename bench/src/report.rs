@@ -1,18 +1,21 @@
 //! Plain text tables and the PASS/FAIL verdicts, computed from the medians.
 
+use std::io::{self, Write};
+
 use serde::Serialize;
 
 use crate::{LookupRow, Machine, Plan, Report, TwoThreadRow, UpdateRow};
 
 /// Prints what was run where (before the measurements start).
-pub fn header(m: &Machine, p: &Plan) {
-    println!("memslots bench harness ({} mode)", p.mode);
-    println!("machine: cpu {} | nproc {} | kernel {} | {}", m.cpu, m.nproc, m.kernel, m.rustc);
-    println!("build:   {}", m.build);
-    println!("load:    /proc/loadavg {} | timer: {:.0} ns per Instant::now()+elapsed()", m.loadavg, m.timer_ns);
+pub fn header(out: &mut dyn Write, m: &Machine, p: &Plan) -> io::Result<()> {
+    writeln!(out, "memslots bench harness ({} mode)", p.mode)?;
+    writeln!(out, "machine: cpu {} | nproc {} | kernel {} | {}", m.cpu, m.nproc, m.kernel, m.rustc)?;
+    writeln!(out, "build:   {}", m.build)?;
+    writeln!(out, "load:    /proc/loadavg {} | timer: {:.0} ns per Instant::now()+elapsed()", m.loadavg, m.timer_ns)?;
     let lat: Vec<String> = m.load_latency_ns.iter().map(|(k, ns)| format!("{ns:.1} ns @ {k} KiB")).collect();
-    println!("memory:  random dependent load latency {}", lat.join(", "));
-    println!(
+    writeln!(out, "memory:  random dependent load latency {}", lat.join(", "))?;
+    writeln!(
+        out,
         "plan:    slots {:?} | {} repetitions per figure, order rotated each repetition | {} lookups per sample | \
          update batches <= {} ops | builds repeat while < {} ms",
         p.sizes,
@@ -20,8 +23,9 @@ pub fn header(m: &Machine, p: &Plan) {
         p.lookup_iters,
         p.batch_ops,
         p.build_budget.as_millis()
-    );
-    println!();
+    )?;
+    writeln!(out)?;
+    Ok(())
 }
 
 /// `1.23 us` style.
@@ -60,24 +64,27 @@ fn sizes<T>(rows: &[T], slots: impl Fn(&T) -> u32) -> Vec<u32> {
 }
 
 /// Prints every table, then the verdicts.
-pub fn print(r: &Report) {
+pub fn print(out: &mut dyn Write, r: &Report) -> io::Result<()> {
     let w = 56;
-    println!("== 1. Random gfn->hva lookups, one thread: ns per lookup ==");
-    println!(
+    writeln!(out, "== 1. Random gfn->hva lookups, one thread: ns per lookup ==")?;
+    writeln!(
+        out,
         "median and min-max of {} samples of {} lookups (a 2^16-entry table of random gfns, cycled). \
          x atomic: median / median of GuestMemoryAtomic memory().find_region (read_obj rows: / GuestMemoryAtomic \
          memory().read_obj); x lower: / lower bound. vCPU miss: consecutive gfns never share a slot (not run at 1 slot).",
         r.plan.reps, r.plan.lookup_iters
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:>6}  {:<w$} {:>8} {:>17} {:>9} {:>8}",
         "slots", "implementation", "median", "min-max", "x atomic", "x lower"
-    );
+    )?;
     for n in sizes(&r.lookups, |x| x.slots) {
         for row in r.lookups.iter().filter(|x| x.slots == n) {
             let s = &row.ns;
             let atomic = if row.key.ends_with("read_obj") { "vmm_atomic_read_obj" } else { "vmm_atomic_find_region" };
-            println!(
+            writeln!(
+                out,
                 "{:>6}  {:<w$} {:>8.2} {:>17} {:>9} {:>8}",
                 n,
                 row.label,
@@ -85,26 +92,29 @@ pub fn print(r: &Report) {
                 format!("{:.2}-{:.2}", s.min, s.max),
                 ratio(s.median, median(&r.lookups, n, atomic)),
                 ratio(s.median, median(&r.lookups, n, "lower_bound")),
-            );
+            )?;
         }
-        println!();
+        writeln!(out)?;
     }
 
-    println!("== 2. The same lookups on two threads at once: per-thread ns per lookup ==");
-    println!(
+    writeln!(out, "== 2. The same lookups on two threads at once: per-thread ns per lookup ==")?;
+    writeln!(
+        out,
         "two threads released together, each timing its own loop; a sample is the mean of the two. \
          1 thread: the same loop alone, sampled right before each two-thread sample; slowdown: 2 threads / 1 thread \
          (medians). This process has {} CPUs, shared with whatever else runs on the machine.",
         r.machine.nproc
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:>6}  {:<w$} {:>9} {:>9} {:>17} {:>9}",
         "slots", "implementation", "1 thread", "2 threads", "min-max", "slowdown"
-    );
+    )?;
     for n in sizes(&r.two_threads, |x| x.slots) {
         for row in r.two_threads.iter().filter(|x| x.slots == n) {
             let s = &row.ns;
-            println!(
+            writeln!(
+                out,
                 "{:>6}  {:<w$} {:>9.2} {:>9.2} {:>17} {:>9}",
                 n,
                 row.label,
@@ -112,27 +122,33 @@ pub fn print(r: &Report) {
                 s.median,
                 format!("{:.2}-{:.2}", s.min, s.max),
                 ratio(s.median, Some(row.one_thread.median)),
-            );
+            )?;
         }
-        println!();
+        writeln!(out)?;
     }
 
-    println!("== 3. Updates: time per operation (build: per whole build of n slots) ==");
-    println!(
+    writeln!(out, "== 3. Updates: time per operation (build: per whole build of n slots) ==")?;
+    writeln!(
+        out,
         "create/delete: batches of distinct slots (<= n/10, <= {}), restored untimed; move: a slot there and back, \
          both timed; build: create slots 0..n from empty. One writer, no readers. x memslots: median / memslots median.",
         r.plan.batch_ops
-    );
+    )?;
+    if r.updates.iter().any(|x| x.op == "flags") {
+        writeln!(out, "flags: KVM_MEM_LOG_DIRTY_PAGES on, then off, on a random slot; both timed.")?;
+    }
     let w = 44;
-    println!(
+    writeln!(
+        out,
         "{:>6}  {:<7} {:<w$} {:>10} {:>21} {:>3} {:>10}",
         "slots", "op", "implementation", "median", "min-max", "n", "x memslots"
-    );
+    )?;
     for n in sizes(&r.updates, |x| x.slots) {
         for op in crate::update::OPS {
             for row in r.updates.iter().filter(|x| x.slots == n && x.op == op) {
                 let s = &row.ns;
-                println!(
+                writeln!(
+                    out,
                     "{:>6}  {:<7} {:<w$} {:>10} {:>21} {:>3} {:>10}",
                     n,
                     op,
@@ -141,20 +157,21 @@ pub fn print(r: &Report) {
                     format!("{}-{}", time(s.min), time(s.max)),
                     s.samples,
                     ratio(s.median, update(&r.updates, n, op, "memslots")),
-                );
+                )?;
             }
         }
-        println!();
+        writeln!(out)?;
     }
 
-    println!("== Verdicts (from the medians above) ==");
+    writeln!(out, "== Verdicts (from the medians above) ==")?;
     for v in &r.verdicts {
-        println!("{:<4} {}: {}", v.result, v.target, v.detail);
+        writeln!(out, "{:<4} {}: {}", v.result, v.target, v.detail)?;
     }
     let count = |s: &str| r.verdicts.iter().filter(|v| v.result == s).count();
-    println!("{} passed, {} failed, {} skipped", count("PASS"), count("FAIL"), count("SKIP"));
+    writeln!(out, "{} passed, {} failed, {} skipped", count("PASS"), count("FAIL"), count("SKIP"))?;
     let steal = r.steal.map_or_else(|| "unknown".to_owned(), |s| format!("{:.1} %", s * 100.0));
-    println!("measurements took {:.1} s; CPU time stolen by the hypervisor meanwhile: {steal}", r.seconds);
+    writeln!(out, "measurements took {:.1} s; CPU time stolen by the hypervisor meanwhile: {steal}", r.seconds)?;
+    Ok(())
 }
 
 /// One target and whether the medians meet it.

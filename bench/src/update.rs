@@ -9,19 +9,26 @@
 //! random slot `k` to `(n + k) * 2 MiB` and back, every move timed. A build
 //! starts from an empty structure (made untimed) and times creating slots
 //! `0..n`. Dropping superseded copies is part of each figure.
+//!
+//! Two additions are off in the standalone harness and on in `memslots
+//! perf` ([`Extras`]): the kernel's raw `KVM_SET_USER_MEMORY_REGION` as one
+//! more implementation, and `flags` (dirty logging on and off on a random
+//! slot, both timed) for the implementations that have flags.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use memslots::Vm;
+use memslots::{Vm, KVM_MEM_LOG_DIRTY_PAGES};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::layout::{below, gfn_of, gpa_of, Rng, PAGE_SHIFT, SLOT_BYTES};
+use crate::kvm::{Kvm, RawVm};
+use crate::layout::{below, gfn_of, gpa_of, permutation, Rng, PAGE_SHIFT, SLOT_BYTES};
 use crate::lookup::{entry, new_vm, region, ImblMap, SlotMap};
+use crate::stats::ns;
 use crate::stats::{rotated, Stat};
-use crate::{ns, Error, Plan};
+use crate::{Error, Plan};
 
 /// One implementation's update operations. Slots are numbered as in the
 /// layout; `relocate` moves slot `k` from guest address `from` to `to`.
@@ -29,6 +36,14 @@ trait Store {
     fn create(&mut self, k: u32) -> Result<(), Error>;
     fn delete(&mut self, k: u32) -> Result<(), Error>;
     fn relocate(&mut self, k: u32, from: u64, to: u64) -> Result<(), Error>;
+    /// Whether [`Store::flags`] works.
+    fn has_flags(&self) -> bool {
+        false
+    }
+    /// Turns dirty logging of slot `k` (at its home address) on or off.
+    fn flags(&mut self, k: u32, _logged: bool) -> Result<(), Error> {
+        Err(format!("slot {k}: no flags").into())
+    }
 }
 
 /// memslots: `set_user_memory_region` (KVM's protocol: build the inactive
@@ -47,6 +62,36 @@ impl Store for Memslots {
     fn relocate(&mut self, k: u32, _from: u64, to: u64) -> Result<(), Error> {
         self.0.set_user_memory_region(&region(k, to, SLOT_BYTES))?;
         Ok(())
+    }
+    fn has_flags(&self) -> bool {
+        true
+    }
+    fn flags(&mut self, k: u32, logged: bool) -> Result<(), Error> {
+        let mut r = region(k, gpa_of(k), SLOT_BYTES);
+        r.flags = if logged { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        self.0.set_user_memory_region(&r)?;
+        Ok(())
+    }
+}
+
+/// The kernel: `KVM_SET_USER_MEMORY_REGION` on a VM without vCPUs.
+struct Kernel(RawVm);
+
+impl Store for Kernel {
+    fn create(&mut self, k: u32) -> Result<(), Error> {
+        self.0.set(k, 0, gpa_of(k), SLOT_BYTES)
+    }
+    fn delete(&mut self, k: u32) -> Result<(), Error> {
+        self.0.set(k, 0, gpa_of(k), 0)
+    }
+    fn relocate(&mut self, k: u32, _from: u64, to: u64) -> Result<(), Error> {
+        self.0.set(k, 0, to, SLOT_BYTES)
+    }
+    fn has_flags(&self) -> bool {
+        true
+    }
+    fn flags(&mut self, k: u32, logged: bool) -> Result<(), Error> {
+        self.0.set(k, if logged { KVM_MEM_LOG_DIRTY_PAGES } else { 0 }, gpa_of(k), SLOT_BYTES)
     }
 }
 
@@ -176,8 +221,8 @@ struct Kind<'r> {
     empty: Box<dyn Fn() -> Result<Box<dyn Store + 'r>, Error> + 'r>,
 }
 
-fn kinds(regions: &[Arc<GuestRegionMmap>]) -> Vec<Kind<'_>> {
-    vec![
+fn kinds<'r>(regions: &'r [Arc<GuestRegionMmap>], kvm: Option<&'r Kvm>) -> Vec<Kind<'r>> {
+    let mut kinds = vec![
         Kind { key: "memslots", label: "memslots", empty: Box::new(|| Ok(Box::new(Memslots(new_vm()?)))) },
         Kind {
             key: "arcswap_btreemap",
@@ -201,19 +246,38 @@ fn kinds(regions: &[Arc<GuestRegionMmap>]) -> Vec<Kind<'_>> {
                 Ok(Box::new(VmmAtomic { mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()), regions }))
             }),
         },
-    ]
+    ];
+    if let Some(kvm) = kvm {
+        kinds.push(Kind {
+            key: "kvm",
+            label: "kvm: KVM_SET_USER_MEMORY_REGION (no vCPU)",
+            empty: Box::new(move || Ok(Box::new(Kernel(RawVm::new(kvm)?)))),
+        });
+    }
+    kinds
+}
+
+/// What [`measure`] adds to the standalone harness's updates.
+#[derive(Clone, Copy, Default)]
+pub struct Extras<'k> {
+    /// The kernel peer, on this `/dev/kvm` (measured where the slot count
+    /// fits its `KVM_CAP_NR_MEMSLOTS`, the second field).
+    pub kvm: Option<(&'k Kvm, u32)>,
+    /// Measure `flags` too.
+    pub flags: bool,
 }
 
 /// One figure: operation, implementation, ns per operation (ns per build for `build`).
 pub type Results = Vec<(&'static str, &'static str, &'static str, Stat)>;
 
-/// The update operations, in table order.
-pub const OPS: [&str; 4] = ["create", "delete", "move", "build"];
+/// The update operations, in table order (`flags` only with [`Extras::flags`]).
+pub const OPS: [&str; 5] = ["create", "delete", "move", "flags", "build"];
 
 /// Measures every operation of every implementation at `n` slots.
 /// `regions` are the vm-memory regions of the `n` slots.
-pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan) -> Result<Results, Error> {
-    let kinds = kinds(regions);
+pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan, extras: Extras<'_>) -> Result<Results, Error> {
+    let kvm = extras.kvm.filter(|&(_, nr)| n <= nr).map(|(k, _)| k);
+    let kinds = kinds(regions, kvm);
     let m = kinds.len();
     let mut out = Results::new();
 
@@ -244,12 +308,8 @@ pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan) -> Result<
         stores.into_iter().map(|s| s.ok_or("no build")).collect::<Result<_, _>>()?;
 
     let mut rng = Rng::new(0xbeef ^ u64::from(n));
-    let mut perm: Vec<u32> = (0..n).collect();
-    for i in (1..perm.len()).rev() {
-        let j = usize::try_from(below(&mut rng, u32::try_from(i + 1)?))?;
-        perm.swap(i, j);
-    }
-    let batch = (n / 10).clamp(1, plan.batch_ops);
+    let perm = permutation(&mut rng, n);
+    let batch = crate::timing::batch_len(n, plan.batch_ops);
     let mut cursor = 0usize;
     let mut next_batch = || -> Vec<u32> {
         (0..batch)
@@ -262,6 +322,7 @@ pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan) -> Result<
     let mut create = vec![Vec::new(); m];
     let mut delete = vec![Vec::new(); m];
     let mut moves = vec![Vec::new(); m];
+    let mut flags = vec![Vec::new(); m];
     let pairs = (plan.batch_ops / 2).max(1);
     for rep in 0..plan.reps {
         let ks = next_batch();
@@ -298,11 +359,30 @@ pub fn measure(n: u32, regions: &[Arc<GuestRegionMmap>], plan: &Plan) -> Result<
             }
             moves[j].push(ns(t.elapsed()) / f64::from(2 * pairs));
         }
+        if !extras.flags {
+            continue;
+        }
+        let ks: Vec<u32> = (0..pairs).map(|_| below(&mut rng, n)).collect();
+        for j in rotated(m, rep) {
+            let s = &mut stores[j];
+            if !s.has_flags() {
+                continue;
+            }
+            let t = Instant::now();
+            for &k in &ks {
+                s.flags(k, true)?;
+                s.flags(k, false)?;
+            }
+            flags[j].push(ns(t.elapsed()) / f64::from(2 * pairs));
+        }
     }
     for (j, k) in kinds.iter().enumerate() {
         out.push(("create", k.key, k.label, Stat::of(std::mem::take(&mut create[j]))));
         out.push(("delete", k.key, k.label, Stat::of(std::mem::take(&mut delete[j]))));
         out.push(("move", k.key, k.label, Stat::of(std::mem::take(&mut moves[j]))));
+        if !flags[j].is_empty() {
+            out.push(("flags", k.key, k.label, Stat::of(std::mem::take(&mut flags[j]))));
+        }
         out.push(("build", k.key, k.label, Stat::of(std::mem::take(&mut builds[j]))));
     }
     Ok(out)

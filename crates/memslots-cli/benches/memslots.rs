@@ -9,7 +9,9 @@
 //! and the load-to-use latency of random loads by working-set size: the machine
 //! state the numbers were taken in.
 //!
-//! Layout for `n` slots (one address space): slot `i` covers guest physical
+//! Layout, random tables, loops and the raw kernel peer come from the
+//! benchmark harness's library (`memslots_bench`, `bench/`), shared with
+//! `memslots perf`. Layout for `n` slots (one address space): slot `i` covers guest physical
 //! `[i * 2 MiB, i * 2 MiB + 64 KiB)` (16 pages) at host address
 //! `0x1000_0000 + i * 2 MiB`. A move sends slot `k` to `(n + k) * 2 MiB`, past
 //! every slot, and back. Every implementation gets the same addresses and the
@@ -31,9 +33,11 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VmFd};
 use memslots::{Config, UserMemoryRegion, Vm, KVM_MEM_LOG_DIRTY_PAGES};
+use memslots_bench::kvm::{Kvm, RawVm};
+use memslots_bench::layout::{gpa_of, hva_of, permutation, random_slots, Rng, Tables, SLOT_BYTES, STRIDE_PAGES, TABLE};
+use memslots_bench::lookup::vmm_regions;
+use memslots_bench::timing::{batch_len, time_alternating, time_batched, time_loop};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,47 +45,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestRegionCollection, GuestRe
 
 /// Slot counts measured.
 const SIZES: [u32; 5] = [10, 100, 1000, 10_000, 32_000];
-/// Pages per slot.
-const PAGES: u64 = 16;
-/// Bytes per slot.
-const SLOT_BYTES: u64 = PAGES * 0x1000;
-/// Distance between slot starts, in guest physical and host space.
-const STRIDE: u64 = 0x20_0000;
-/// Gfns between slot starts.
-const STRIDE_PAGES: u64 = STRIDE >> 12;
-/// Host address of slot 0.
-const HVA_BASE: u64 = 0x1000_0000;
-/// Length of the precomputed random tables (a power of two).
-const TABLE: usize = 1 << 16;
 
 /// The peer's region type: a real (small, never touched) anonymous mapping.
 type MmapCollection = GuestRegionCollection<GuestRegionMmap>;
-
-/// splitmix64: a tiny deterministic generator for the precomputed tables.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-enough value in `0..n` (`n` fits in u32).
-    fn below(&mut self, n: u32) -> u32 {
-        u32::try_from(self.next() % u64::from(n)).expect("below n, which is a u32")
-    }
-}
-
-fn gpa_of(i: u32) -> u64 {
-    u64::from(i) * STRIDE
-}
-
-fn hva_of(i: u32) -> u64 {
-    HVA_BASE + u64::from(i) * STRIDE
-}
 
 fn region(id: u32, flags: u32, gpa: u64, size: u64) -> UserMemoryRegion {
     UserMemoryRegion::new(id, flags, gpa, size, hva_of(id))
@@ -96,58 +62,25 @@ fn build_vm(n: u32) -> Vm {
     vm
 }
 
-/// `TABLE` random gfns, each in a random slot of `0..n`.
-fn random_gfns(n: u32, seed: u64) -> Vec<u64> {
-    let mut rng = Rng(seed);
-    (0..TABLE)
-        .map(|_| {
-            let slot = u64::from(rng.below(n));
-            slot * STRIDE_PAGES + rng.next() % PAGES
-        })
-        .collect()
-}
-
-/// `TABLE` random slot ids in `0..n`.
-fn random_slots(n: u32, seed: u64) -> Vec<u32> {
-    let mut rng = Rng(seed);
-    (0..TABLE).map(|_| rng.below(n)).collect()
-}
-
 // ---------------------------------------------------------------------------
 // The kernel peer.
 
-/// A KVM VM holding slots `0..n`.
-struct KvmVm {
-    vm: VmFd,
-}
+/// A KVM VM holding slots `0..n` (no vCPU: the shared raw-ioctl helper).
+struct KvmVm(RawVm);
 
 impl KvmVm {
     fn set(&self, slot: u32, flags: u32, gpa: u64, size: u64) {
-        let r = kvm_userspace_memory_region {
-            slot,
-            flags,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: hva_of(slot),
-        };
-        // SAFETY: the kernel only records the host range here; it would access
-        // it only to fault guest pages in for a running vCPU (or for KVM's own
-        // accesses to guest memory), and this VM never gets a vCPU, so the fake,
-        // unmapped host addresses (page aligned, below the user address limit,
-        // like the library's) are never dereferenced. Nothing in this process
-        // relies on that range either.
-        unsafe { self.vm.set_user_memory_region(r) }.expect("KVM_SET_USER_MEMORY_REGION");
+        self.0.set(slot, flags, gpa, size).expect("KVM_SET_USER_MEMORY_REGION");
     }
 
     fn new(kvm: &Kvm, n: u32) -> Option<KvmVm> {
-        let vm = match kvm.create_vm() {
-            Ok(vm) => vm,
+        let k = match RawVm::new(kvm) {
+            Ok(vm) => KvmVm(vm),
             Err(e) => {
-                eprintln!("SKIP kvm peer at {n} slots: KVM_CREATE_VM failed: {e}");
+                eprintln!("SKIP kvm peer at {n} slots: {e}");
                 return None;
             }
         };
-        let k = KvmVm { vm };
         for i in 0..n {
             k.set(i, 0, gpa_of(i), SLOT_BYTES);
         }
@@ -157,36 +90,25 @@ impl KvmVm {
 
 /// The KVM handle, or why the peer is skipped.
 fn open_kvm() -> Option<Kvm> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIP kvm peer: /dev/kvm not available");
-        return None;
-    }
-    match Kvm::new() {
-        Ok(kvm) => {
-            let nr = kvm.get_nr_memslots();
+    match memslots_bench::kvm::open() {
+        Ok((kvm, nr)) => {
             eprintln!("kvm peer: KVM_CAP_NR_MEMSLOTS = {nr}");
             let max = SIZES.iter().copied().max().unwrap_or(0);
-            if usize::try_from(max).is_ok_and(|m| m > nr) {
+            if max > nr {
                 eprintln!("note: kvm peer skipped for slot counts above {nr}");
             }
             Some(kvm)
         }
         Err(e) => {
-            eprintln!("SKIP kvm peer: /dev/kvm not available ({e})");
+            eprintln!("SKIP kvm peer: {e}");
             None
         }
     }
 }
 
-// ---------------------------------------------------------------------------
-// The vm-memory peer.
-
 /// Regions `0..n`, each a 64 KiB anonymous mapping (never touched).
 fn mmap_regions(n: u32) -> Vec<Arc<GuestRegionMmap>> {
-    let size = usize::try_from(SLOT_BYTES).expect("small");
-    (0..n)
-        .map(|i| Arc::new(GuestRegionMmap::from_range(GuestAddress(gpa_of(i)), size, None).expect("mmap region")))
-        .collect()
+    vmm_regions(n).expect("mmap regions")
 }
 
 // ---------------------------------------------------------------------------
@@ -251,44 +173,14 @@ fn timer_report() {
 }
 
 /// Latency of one dependent random load for working sets from L1 to DRAM
-/// size (a pointer chase through one random cycle of cache lines): what a
-/// cache miss costs on this machine today, to read the lookup numbers against.
+/// size (the harness's pointer chase): what a cache miss costs on this
+/// machine today, to read the lookup numbers against.
 fn memory_latency_report() {
-    #[repr(align(64))]
-    #[derive(Clone, Copy)]
-    struct Line {
-        next: usize,
-        _pad: [usize; 7],
-    }
-    const STEPS: u32 = 1_000_000;
     let mut out = String::new();
     for kib in [32usize, 256, 1024, 4096, 16_384, 65_536] {
-        let n = kib * 1024 / core::mem::size_of::<Line>();
-        let mut lines = vec![Line { next: 0, _pad: [0; 7] }; n];
-        // Sattolo's algorithm: one cycle through all lines.
-        let mut order: Vec<usize> = (0..n).collect();
-        let mut rng = Rng(u64::try_from(kib).unwrap_or(1));
-        for i in (1..n).rev() {
-            let j = usize::try_from(rng.next() % u64::try_from(i).unwrap_or(1)).unwrap_or(0);
-            order.swap(i, j);
-        }
-        for w in order.windows(2) {
-            lines[w[0]].next = w[1];
-        }
-        lines[order[n - 1]].next = order[0];
-        let mut at = 0usize;
-        for _ in 0..n.min(100_000) {
-            at = lines[at].next;
-        }
-        let start = Instant::now();
-        for _ in 0..STEPS {
-            at = lines[at].next;
-        }
-        let ns = start.elapsed().as_secs_f64() * 1e9 / f64::from(STEPS);
-        black_box(at);
-        out.push_str(&format!(" {kib} KiB: {ns:.1} ns;"));
+        out.push_str(&format!(" {kib} KiB: {:.1} ns;", memslots_bench::load_latency_ns(kib)));
     }
-    eprintln!("load-to-use latency, random pointer chase (4 KiB pages):{out}");
+    eprintln!("load-to-use latency, random pointer chase:{out}");
 }
 
 // ---------------------------------------------------------------------------
@@ -346,100 +238,10 @@ impl<'k> Fixtures<'k> {
     }
 }
 
-/// Slots changed per timed batch in the create/delete benches: a batch keeps
-/// the timer's cost (see the timer report) out of the per-operation figure,
-/// and is small enough that the slot count stays within 10% of `n`.
-fn batch_len(n: u32) -> u32 {
-    (n / 10).clamp(1, 32)
-}
-
-/// A random permutation of `0..n`: consecutive windows of it (cyclically) are
-/// distinct slots.
-fn permutation(n: u32, seed: u64) -> Vec<u32> {
-    let mut rng = Rng(seed);
-    let mut p: Vec<u32> = (0..n).collect();
-    for i in (1..p.len()).rev() {
-        let bound = u32::try_from(i + 1).expect("n is a u32");
-        let j = usize::try_from(rng.below(bound)).expect("u32 fits usize");
-        p.swap(i, j);
-    }
-    p
-}
-
-/// Times `iters` operations `op(k)`, in batches of `batch` distinct slots from
-/// `perm`: untimed `prepare(k)` for the whole batch, the batch of `op` under
-/// one timer, then untimed `restore(k)` for the whole batch.
-fn time_batched(
-    iters: u64,
-    perm: &[u32],
-    cursor: &mut usize,
-    batch: u32,
-    mut prepare: impl FnMut(u32),
-    mut op: impl FnMut(u32),
-    mut restore: impl FnMut(u32),
-) -> Duration {
-    let mut total = Duration::ZERO;
-    let mut left = iters;
-    let mut ks = Vec::new();
-    while left > 0 {
-        let m = left.min(u64::from(batch));
-        left -= m;
-        ks.clear();
-        for _ in 0..m {
-            ks.push(perm[*cursor % perm.len()]);
-            *cursor += 1;
-        }
-        ks.iter().for_each(|&k| prepare(k));
-        let t = Instant::now();
-        ks.iter().for_each(|&k| op(k));
-        total += t.elapsed();
-        ks.iter().for_each(|&k| restore(k));
-    }
-    total
-}
-
-/// Times `iters` operations that come in inverse pairs: `op(k, true)`
-/// ("there") and `op(k, false)` ("back"). Odd operations go there with a
-/// fresh random slot, even ones come back with the same slot; all are timed,
-/// under one timer. The state is restored (untimed) at the end.
-fn time_alternating(iters: u64, slots: &[u32], cursor: &mut usize, mut op: impl FnMut(u32, bool)) -> Duration {
-    let mut pending: Option<u32> = None;
-    let t = Instant::now();
-    for _ in 0..iters {
-        if let Some(k) = pending.take() {
-            op(k, false);
-        } else {
-            let k = slots[*cursor % TABLE];
-            *cursor += 1;
-            pending = Some(k);
-            op(k, true);
-        }
-    }
-    let total = t.elapsed();
-    if let Some(k) = pending {
-        op(k, false);
-    }
-    total
-}
-
-/// Runs `op(i)` for `i` in `0..iters` under one timer. Used instead of
-/// `Bencher::iter` for the nanosecond lookups: the counter stays in a register
-/// (a counter captured by an `iter` closure lives in memory and adds a
-/// store-to-load round trip to every iteration).
-#[inline(always)]
-fn time_loop(iters: u64, mut op: impl FnMut(usize)) -> Duration {
-    let iters = usize::try_from(iters).unwrap_or(usize::MAX);
-    let t = Instant::now();
-    for i in 0..iters {
-        op(i);
-    }
-    t.elapsed()
-}
-
 fn bench_lookups(c: &mut Criterion, f: &mut Fixtures<'_>) {
     let n = f.n;
-    let gfns = random_gfns(n, 0x5eed ^ u64::from(n));
-    let gfns = &gfns[..];
+    let tables = Tables::new(n);
+    let gfns = &tables.gfns[..];
     let gfn_at = |i: usize| gfns[i & (TABLE - 1)];
 
     let mut g = lookup_group(c, "lookup_random");
@@ -489,9 +291,9 @@ fn bench_lookups(c: &mut Criterion, f: &mut Fixtures<'_>) {
 
 fn bench_updates(c: &mut Criterion, f: &mut Fixtures<'_>) {
     let n = f.n;
-    let slots = random_slots(n, 0xc0ffee ^ u64::from(n));
-    let perm = permutation(n, 0xbeef ^ u64::from(n));
-    let batch = batch_len(n);
+    let slots = random_slots(&mut Rng::new(0xc0ffee ^ u64::from(n)), n, TABLE);
+    let perm = permutation(&mut Rng::new(0xbeef ^ u64::from(n)), n);
+    let batch = batch_len(n, 32);
     let mut cursor = 0usize;
     let create = |k: u32| region(k, 0, gpa_of(k), SLOT_BYTES);
     let delete = |k: u32| region(k, 0, gpa_of(k), 0);

@@ -132,9 +132,17 @@ fn perf_tiny_writes_tables_json_and_svg() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
 
-    for heading in
-        ["memslots perf (tiny)", "Micro sweep", "Scenarios (memslot_perf_test)", "Targets (lookups and updates at"]
-    {
+    for heading in [
+        "memslots perf (tiny)",
+        "Micro sweep: the benchmark harness",
+        "memslots bench harness (tiny mode)",
+        "== 1. Random gfn->hva lookups, one thread",
+        "== 2. The same lookups on two threads at once",
+        "== 3. Updates",
+        "== Verdicts (from the medians above) ==",
+        "Scenarios (memslot_perf_test)",
+        "Targets (lookups and updates at",
+    ] {
         assert!(stdout.contains(heading), "missing heading {heading:?} in:\n{stdout}");
     }
     // The other issues' targets appear beside the peers they are measured against.
@@ -142,22 +150,33 @@ fn perf_tiny_writes_tables_json_and_svg() {
         assert!(stdout.contains(word), "missing target {word:?} in:\n{stdout}");
     }
     for word in
-        ["lookup_random", "lookup_held", "lookup_cached", "create", "move", "flags", "delete", "build", "vm-memory"]
+        [" create ", " move ", " flags ", " delete ", " build ", "vm-memory", "ArcSwap<imbl::OrdMap>", "lower bound"]
     {
         assert!(stdout.contains(word), "missing {word:?} in:\n{stdout}");
     }
+    // The harness's build line says how this binary was built and where the
+    // user-crate figure comes from.
+    assert!(stdout.contains("build:   profile "), "no build line in:\n{stdout}");
+    assert!(
+        stdout.contains("cargo run --release --manifest-path bench/Cargo.toml"),
+        "no pointer to bench/ in:\n{stdout}"
+    );
+    assert!(["PASS ", "FAIL ", "SKIP "].iter().any(|v| stdout.contains(v)), "no verdicts in:\n{stdout}");
     for scenario in ["map", "unmap", "unmap-chunked", "move-active", "move-inactive", "rw"] {
         assert!(stdout.contains(&format!(" {scenario} ")), "missing scenario {scenario} in:\n{stdout}");
     }
     // The terms are explained, or pointed to.
-    assert!(stdout.contains("Terms: lookup_held = "), "no glossary in:\n{stdout}");
+    assert!(stdout.contains("Terms: micro sweep = "), "no glossary in:\n{stdout}");
     assert!(stdout.contains("crates/memslots-cli/src/perf/README.md"), "no pointer to the README in:\n{stdout}");
     assert!(stdout.contains("iter min–max"), "no spread of the scenarios in:\n{stdout}");
     let kvm = std::path::Path::new("/dev/kvm").exists();
     if kvm {
-        // A spread beside the KVM figures.
-        assert!(stdout.contains("kvm min–max"), "no spread beside the kvm figures in:\n{stdout}");
-        assert!(stdout.lines().any(|l| l.starts_with("create ") && l.contains('–')), "no kvm range in:\n{stdout}");
+        // The kernel's ioctl among the harness's updates, with its spread.
+        assert!(
+            stdout.lines().any(|l| l.contains(" create  kvm: KVM_SET_USER_MEMORY_REGION") && l.contains('-')),
+            "no kvm update row in:\n{stdout}"
+        );
+        assert!(stdout.lines().any(|l| l.contains(" flags   kvm: ")), "no kvm flags row in:\n{stdout}");
     }
     if !kvm {
         assert!(stdout.contains("skipped: kvm: /dev/kvm not available"), "no skip note in:\n{stdout}");
@@ -166,12 +185,17 @@ fn perf_tiny_writes_tables_json_and_svg() {
     // JSON: the documented fields.
     let text = std::fs::read_to_string(&json_path).expect("json written");
     let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
-    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["schema_version"], 2);
     assert_eq!(v["mode"], "tiny");
     assert!(v["runtime_s"].as_f64().is_some_and(|s| s > 0.0));
     assert!(v["host"]["kvm"].is_boolean());
     assert!(v["host"]["cpus"].as_u64().is_some_and(|c| c >= 1));
     assert!(v["skipped"].is_array());
+    // The harness's own report, as bench/ writes it.
+    for field in ["machine", "plan", "lookups", "two_threads", "updates", "verdicts", "seconds"] {
+        assert!(!v["harness"][field].is_null(), "harness without {field}");
+    }
+    assert!(v["harness"]["verdicts"].as_array().is_some_and(|a| a.len() == 9), "nine verdicts");
     let micro = v["micro"].as_array().expect("micro array");
     assert!(!micro.is_empty());
     for p in micro {
@@ -183,7 +207,12 @@ fn perf_tiny_writes_tables_json_and_svg() {
         assert!(lo <= mid && mid <= hi, "min <= median <= max: {p}");
         assert!(p["median_ns"].as_f64().is_some_and(|x| x > 0.0), "non-positive time: {p}");
     }
-    for (metric, imp) in [("lookup_random", "memslots"), ("lookup_random", "vm-memory"), ("move", "vm-memory")] {
+    for (metric, imp) in [
+        ("lookup_random", "memslots"),
+        ("lookup_random", "vm-memory"),
+        ("move", "vm-memory-atomic"),
+        ("flags", "memslots"),
+    ] {
         assert!(micro.iter().any(|p| p["metric"] == metric && p["implementation"] == imp), "no {metric}/{imp} point");
     }
     if kvm && v["host"]["kvm"] == true {

@@ -3,10 +3,12 @@
 //! vm-memory's `GuestMemoryMmap` and plain `memcpy`), and the KVM backend's
 //! overhead over the raw `KVM_SET_USER_MEMORY_REGION` ioctl.
 
-use super::{fl, median, Stat, Target};
+use super::{median, Stat, Target};
 use anyhow::{anyhow, Result};
-use kvm_bindings::kvm_userspace_memory_region;
 use memslots::{Config, UserMemoryRegion, Vm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES};
+use memslots_bench::kvm::{Kvm, RawVm};
+use memslots_bench::layout::{gpa_of, hva_of, random_below, random_gpas, HVA_BASE as HVA, SLOT_BYTES, STRIDE};
+use memslots_bench::timing;
 use memslots_mem::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use memslots_mem::{GuestMemory, MapOptions};
 use std::collections::BTreeMap;
@@ -27,23 +29,10 @@ pub(crate) struct ExtraPlan {
     pub(crate) batches: usize,
 }
 
-const HVA: u64 = 0x1000_0000;
 const PAGE: u64 = 4096;
 
 fn any<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("{e:?}")
-}
-
-fn random(n: usize, below: u64, seed: u64) -> Vec<u64> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % below
-        })
-        .collect()
 }
 
 fn usz(v: u64) -> usize {
@@ -51,31 +40,13 @@ fn usz(v: u64) -> usize {
 }
 
 /// Median over `batches` of the time per operation of `ops` calls of `f(i)`.
-fn per_op(batches: usize, ops: u64, mut f: impl FnMut(usize)) -> f64 {
-    let mut v = Vec::with_capacity(batches);
-    let mut i = 0usize;
-    for _ in 0..batches {
-        let t = Instant::now();
-        for _ in 0..ops {
-            f(i);
-            i = i.wrapping_add(1);
-        }
-        v.push(t.elapsed().as_secs_f64() * 1e9 / fl(usz(ops)));
-    }
-    median(v)
+fn per_op(batches: usize, ops: u64, f: impl FnMut(usize)) -> f64 {
+    timing::per_op(batches, ops, f).median
 }
 
 /// Median over `batches` of the time of `timed()` after an untimed `setup()`.
-fn per_call(batches: usize, mut setup: impl FnMut(), mut timed: impl FnMut()) -> f64 {
-    let v = (0..batches)
-        .map(|_| {
-            setup();
-            let t = Instant::now();
-            timed();
-            t.elapsed().as_secs_f64() * 1e9
-        })
-        .collect();
-    median(v)
+fn per_call(batches: usize, setup: impl FnMut(), timed: impl FnMut()) -> f64 {
+    timing::per_call(batches, setup, timed).median
 }
 
 fn target(name: String, slots: u32, goal_ns: f64, memslots: f64, peers: &[(&'static str, f64)]) -> Target {
@@ -109,7 +80,7 @@ fn logging_vm(pages: u64) -> Result<Vm> {
 fn dirty(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
     // Marking: a 1 GiB slot, random pages, through a vCPU's held section.
     let pages = 1u64 << 18;
-    let idx = random(1 << 16, pages, 7);
+    let idx = random_below(1 << 16, pages, 7);
     let vm = logging_vm(pages)?;
     let vcpu = vm.vcpu();
     let mark = {
@@ -148,7 +119,7 @@ fn dirty(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
     // Harvesting a large slot (64 GiB in quick/full mode): 1% and none dirty.
     let hp = plan.harvest_pages;
     let gib = (hp * PAGE) >> 30;
-    let dirty = random(usz(hp / 100), hp, 11);
+    let dirty = random_below(usz(hp / 100), hp, 11);
     let vm = logging_vm(hp)?;
     let vcpu = vm.vcpu();
     let mut buf = vec![0u64; usz(hp / 64)];
@@ -236,8 +207,8 @@ fn dirty(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
 }
 
 fn guest_memory(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
+    // 16 KiB slots at the layout's 2 MiB stride.
     const SLOT_BYTES: u64 = 0x4000;
-    const STRIDE: u64 = 0x20_0000;
     let n = plan.mem_slots;
     let mem = GuestMemory::new(Config::default()).map_err(any)?;
     let ram = mem.map_anonymous(n * SLOT_BYTES, &MapOptions::new().no_reserve(true)).map_err(any)?;
@@ -246,10 +217,7 @@ fn guest_memory(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
     }
     let ranges: Vec<(GuestAddress, usize)> = (0..n).map(|i| (GuestAddress(i * STRIDE), usz(SLOT_BYTES))).collect();
     let gm = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(any)?;
-    let gpas: Vec<u64> = random(1 << 16, n * (SLOT_BYTES / 8), 3)
-        .into_iter()
-        .map(|x| (x / (SLOT_BYTES / 8)) * STRIDE + (x % (SLOT_BYTES / 8)) * 8)
-        .collect();
+    let gpas = random_gpas(n, SLOT_BYTES, 3);
     for &g in &gpas {
         let _: u64 = mem.read_obj(0, g).map_err(any)?;
         let _: u64 = gm.read_obj(GuestAddress(g)).map_err(any)?;
@@ -304,35 +272,21 @@ fn guest_memory(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
     Ok(())
 }
 
-fn raw_set(vm: &kvm_ioctls::VmFd, slot: u32, gpa: u64) -> Result<()> {
-    let r = kvm_userspace_memory_region {
-        slot,
-        flags: 0,
-        guest_phys_addr: gpa,
-        memory_size: 0x1_0000,
-        userspace_addr: HVA + u64::from(slot) * 0x20_0000,
-    };
-    // SAFETY: no vCPU is ever created on this VM: the kernel only records the
-    // (unmapped) host range and never accesses it.
-    unsafe { vm.set_user_memory_region(r) }.map_err(any)
-}
-
 fn backend(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
-    let gpa = |i: u32| u64::from(i) * 0x20_0000;
+    let kvm = Kvm::new().map_err(any)?;
     for &n in &plan.backend_sizes {
         let k = n / 2;
-        let away = gpa(n + 1);
-        let raw = kvm_ioctls::Kvm::new().map_err(any)?.create_vm().map_err(any)?;
+        let away = gpa_of(n + 1);
+        let raw = RawVm::new(&kvm).map_err(|e| anyhow!(e))?;
         for i in 0..n {
-            raw_set(&raw, i, gpa(i))?;
+            raw.set(i, 0, gpa_of(i), SLOT_BYTES).map_err(|e| anyhow!(e))?;
         }
         // Unrestricted: no vCPU can be created, so the fake host ranges are harmless.
         let vm = memslots_kvm::new_kvm_vm()?;
         for i in 0..n {
-            vm.set_user_memory_region(&UserMemoryRegion::new(i, 0, gpa(i), 0x1_0000, HVA + u64::from(i) * 0x20_0000))
-                .map_err(any)?;
+            vm.set_user_memory_region(&UserMemoryRegion::new(i, 0, gpa_of(i), SLOT_BYTES, hva_of(i))).map_err(any)?;
         }
-        let hva = HVA + u64::from(k) * 0x20_0000;
+        let hva = hva_of(k);
         // Interleave the two per operation: each round moves the slot (away
         // or back) once on each side, and which side goes first alternates
         // every two rounds (so each side goes first equally often in each
@@ -347,12 +301,12 @@ fn backend(plan: &ExtraPlan, out: &mut Vec<Target>) -> Result<()> {
             t.elapsed().as_secs_f64() * 1e9
         };
         for r in 0..rounds {
-            let to = if r % 2 == 0 { away } else { gpa(k) };
+            let to = if r % 2 == 0 { away } else { gpa_of(k) };
             let mut raw_move = || {
-                raw_set(&raw, k, to).ok();
+                raw.set(k, 0, to, SLOT_BYTES).ok();
             };
             let mut lib_move = || {
-                vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, 0x1_0000, hva)).ok();
+                vm.set_user_memory_region(&UserMemoryRegion::new(k, 0, to, SLOT_BYTES, hva)).ok();
             };
             if (r / 2) % 2 == 0 {
                 ioctl.push(timed(&mut raw_move));

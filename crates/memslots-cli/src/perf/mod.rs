@@ -1,29 +1,38 @@
 //! `memslots perf`: the kernel's `memslot_perf_test` scenarios over the
-//! library (and on real KVM with a real guest), plus a micro sweep of lookups
-//! and updates against two peers — rust-vmm's `vm-memory` 0.18 and the host
-//! kernel's `KVM_SET_USER_MEMORY_REGION` — all in one run.
+//! library (and on real KVM with a real guest), plus a micro sweep — the
+//! benchmark harness of `bench/` (`memslots-bench`: lookups and updates
+//! against rust-vmm's `vm-memory` 0.18, `ArcSwap`, `imbl`, `RwLock`, a lower
+//! bound and the host kernel's `KVM_SET_USER_MEMORY_REGION`, with its
+//! PASS/FAIL verdicts) — all in one run.
 //!
-//! Output: a progress bar on stderr, tables on stdout (ratios are
+//! Output: a progress bar on stderr, tables on stdout (target peers are
 //! `peer / memslots`: above 1 means the library is faster), and optionally
 //! `--json FILE` and `--svg FILE` (log-log plots, one per metric).
 //!
-//! # JSON schema (`schema_version` 1)
+//! # JSON schema (`schema_version` 2)
 //!
 //! ```text
 //! {
-//!   "schema_version": 1,
+//!   "schema_version": 2,
 //!   "mode": "tiny" | "quick" | "full",
 //!   "runtime_s": f64,                       // wall time of the whole run
 //!   "host": { "kvm": bool, "kvm_nr_memslots": u64|null, "cpus": u64 },
 //!   "skipped": [string],                    // e.g. "kvm: /dev/kvm not available"
-//!   "micro": [ {                            // one point per (metric, implementation, slots)
-//!       "metric": "lookup_random" | "lookup_held" | "lookup_cached" | "create" | "move" | "flags" | "delete" | "build",
-//!       "implementation": "memslots" | "vm-memory" | "kvm",
+//!   "harness": { ... },                     // the micro sweep: the benchmark harness's report, as
+//!                                           // `cargo run --manifest-path bench/Cargo.toml -- --json`
+//!                                           // writes it (machine, plan, lookups, two_threads,
+//!                                           // updates, verdicts, seconds, steal; bench/README.md)
+//!   "micro": [ {                            // the harness's one-thread lookups and its updates, flattened:
+//!                                           // one point per (metric, implementation, slots)
+//!       "metric": "lookup_random" | "lookup_held" | "lookup_cached" | "lookup_vcpu_miss" | "read_obj_u64"
+//!               | "create" | "delete" | "move" | "flags" | "build",
+//!       "implementation": "memslots" | "memslots-native" | "vm-memory" | "vm-memory-atomic"
+//!               | "arcswap-btreemap" | "arcswap-imbl" | "rwlock-btreemap" | "lower-bound" | "kvm",
 //!       "slots": u32,                       // slots present
-//!       "median_ns": f64,                   // median over batches of ns per operation
+//!       "median_ns": f64,                   // median over samples of ns per operation
 //!                                           // ("build": ns to create all `slots` slots from empty)
-//!       "min_ns": f64, "max_ns": f64,       // fastest and slowest batch (build: run)
-//!       "samples": u32 } ],                 // batches the median is taken over
+//!       "min_ns": f64, "max_ns": f64,       // fastest and slowest sample
+//!       "samples": u32 } ],                 // samples the median is taken over
 //!   "scenarios": [ {                        // memslot_perf_test scenarios
 //!       "backend": "library" | "library+kvm" | "kvm-ioctl",
 //!       "scenario": "map" | "unmap" | "unmap-chunked" | "move-active" | "move-inactive" | "rw" | "setup",
@@ -54,7 +63,7 @@ use std::time::{Duration, Instant};
 
 mod extra;
 mod guest;
-mod micro;
+mod harness;
 mod scenarios;
 mod svg;
 mod table;
@@ -142,6 +151,8 @@ pub(crate) struct Report {
     runtime_s: f64,
     host: HostInfo,
     skipped: Vec<String>,
+    /// The micro sweep: the benchmark harness's own report.
+    harness: memslots_bench::Report,
     micro: Vec<MicroPoint>,
     scenarios: Vec<ScenarioPoint>,
     targets: Vec<Target>,
@@ -150,11 +161,12 @@ pub(crate) struct Report {
 /// Sizes and budgets of one run.
 struct Plan {
     mode: &'static str,
-    micro: micro::MicroPlan,
+    /// The micro sweep: the benchmark harness's plan.
+    micro: memslots_bench::Plan,
     scen: scenarios::ScenarioPlan,
     guest_budget: Duration,
     /// Largest slot count of the real-KVM setup comparison (the micro sweep's
-    /// `build` already has the kernel at every count).
+    /// `build` already has the kernel at every count that fits).
     kvm_setup_max: u32,
     /// The other issues' targets (dirty logging, guest memory, backend).
     extra: extra::ExtraPlan,
@@ -166,13 +178,7 @@ impl Plan {
         if args.tiny {
             Plan {
                 mode: "tiny",
-                micro: micro::MicroPlan {
-                    sizes: vec![1, 64, 512],
-                    batches: 5,
-                    lookup_iters: 20_000,
-                    batch_ops: 8,
-                    build_reps: 1,
-                },
+                micro: harness::plan("tiny"),
                 scen: scenarios::ScenarioPlan {
                     area: 4 << 20,
                     sizes: vec![1, 64, 512],
@@ -191,13 +197,7 @@ impl Plan {
         } else if args.quick {
             Plan {
                 mode: "quick",
-                micro: micro::MicroPlan {
-                    sizes: vec![1, 64, 4096, 32764],
-                    batches: 15,
-                    lookup_iters: 500_000,
-                    batch_ops: 32,
-                    build_reps: 3,
-                },
+                micro: harness::plan("quick"),
                 scen: scenarios::ScenarioPlan {
                     area: 128 << 20,
                     sizes: vec![1, 64, 4096, 32764],
@@ -216,13 +216,7 @@ impl Plan {
         } else {
             Plan {
                 mode: "full",
-                micro: micro::MicroPlan {
-                    sizes: vec![1, 8, 64, 512, 4096, 32764],
-                    batches: 31,
-                    lookup_iters: 2_000_000,
-                    batch_ops: 32,
-                    build_reps: 5,
-                },
+                micro: harness::plan("full"),
                 scen: scenarios::ScenarioPlan {
                     area: 512 << 20,
                     sizes: vec![1, 8, 64, 512, 4096, 32764],
@@ -269,47 +263,7 @@ impl Progress {
     }
 }
 
-/// Median of `v` (0 for an empty vector).
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
-
-/// Median, minimum and maximum of a set of samples.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct Stat {
-    pub(crate) median: f64,
-    pub(crate) min: f64,
-    pub(crate) max: f64,
-}
-
-impl Stat {
-    /// The statistics of `v` (all 0 for an empty vector).
-    pub(crate) fn of(v: Vec<f64>) -> Stat {
-        let min = v.iter().copied().reduce(f64::min).unwrap_or(0.0);
-        let max = v.iter().copied().reduce(f64::max).unwrap_or(0.0);
-        Stat { median: median(v), min, max }
-    }
-}
-
-/// Nanoseconds in `d`, as a float.
-pub(crate) fn ns(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e9
-}
-
-/// `x` as a float (counts here are far below 2^52).
-#[allow(clippy::cast_precision_loss)] // measurement arithmetic on counts < 2^52
-pub(crate) fn fl(x: usize) -> f64 {
-    x as f64
-}
+pub(crate) use memslots_bench::stats::{median, ns, Stat};
 
 /// Whether the real-KVM peers can run, and why not otherwise.
 fn kvm_status(args: &PerfArgs) -> Result<(kvm_ioctls::Kvm, u64), String> {
@@ -363,12 +317,12 @@ pub fn run(args: &PerfArgs) -> Result<()> {
         }
     };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let units = plan.micro.sizes.len() + scenarios::SCENARIOS.len() * plan.scen.sizes.len() + 3;
+    let units =
+        plan.micro.sizes.len() * harness::STEPS_PER_SIZE + scenarios::SCENARIOS.len() * plan.scen.sizes.len() + 2;
     let progress = Progress::new(u64::try_from(units).unwrap_or(0));
 
-    let mut micro_points = Vec::new();
-    let kvm_peer = kvm.as_ref().map(|(k, nr)| (k, *nr));
-    micro::run(&plan.micro, kvm_peer, &progress, &mut micro_points)?;
+    let harness = harness::run(&plan.micro, kvm.is_some(), &progress)?;
+    let micro_points = harness::points(&harness);
     let mut scen_points = Vec::new();
     scenarios::run(&plan.scen, &progress, &mut scen_points)?;
     progress.start("real KVM guest".into());
@@ -404,11 +358,12 @@ pub fn run(args: &PerfArgs) -> Result<()> {
     let mut targets = table::targets(&micro_points);
     targets.extend(extra_targets);
     let report = Report {
-        schema_version: 1,
+        schema_version: 2,
         mode: plan.mode,
         runtime_s: started.elapsed().as_secs_f64(),
         host: HostInfo { kvm: kvm.is_some(), kvm_nr_memslots: kvm.as_ref().map(|k| k.1), cpus: u64::try_from(cpus)? },
         skipped,
+        harness,
         micro: micro_points,
         scenarios: scen_points,
         targets,

@@ -19,6 +19,12 @@ fn color_of(name: &str) -> &'static str {
         "vm-memory" => "#d62728",
         "kvm" | "kvm-ioctl" => "#2ca02c",
         "library+kvm" => "#9467bd",
+        "memslots-native" => "#17becf",
+        "vm-memory-atomic" => "#ff7f0e",
+        "arcswap-btreemap" => "#8c564b",
+        "arcswap-imbl" => "#e377c2",
+        "rwlock-btreemap" => "#bcbd22",
+        "lower-bound" => "#000000",
         _ => "#7f7f7f",
     }
 }

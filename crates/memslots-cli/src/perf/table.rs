@@ -4,11 +4,31 @@ use super::{MicroPoint, Report, Target};
 use std::collections::BTreeMap;
 use std::io::Write;
 
-/// Micro metrics in display order.
-pub(crate) const METRICS: [&str; 8] =
-    ["lookup_random", "lookup_held", "lookup_cached", "create", "move", "flags", "delete", "build"];
+/// Micro metrics in plot order.
+pub(crate) const METRICS: [&str; 10] = [
+    "lookup_random",
+    "lookup_held",
+    "lookup_cached",
+    "lookup_vcpu_miss",
+    "read_obj_u64",
+    "create",
+    "move",
+    "flags",
+    "delete",
+    "build",
+];
 /// Implementations in display order (memslots first: the others are peers).
-pub(crate) const IMPLS: [&str; 3] = ["memslots", "vm-memory", "kvm"];
+pub(crate) const IMPLS: [&str; 9] = [
+    "memslots",
+    "memslots-native",
+    "vm-memory",
+    "vm-memory-atomic",
+    "arcswap-btreemap",
+    "arcswap-imbl",
+    "rwlock-btreemap",
+    "lower-bound",
+    "kvm",
+];
 
 /// Formats nanoseconds with a unit.
 pub(crate) fn fmt_ns(v: f64) -> String {
@@ -41,10 +61,11 @@ pub(crate) fn fmt_range(samples: u32, min_ns: f64, max_ns: f64) -> String {
 }
 
 /// What the tables' terms mean (details in the README this points to).
-pub(crate) const GLOSSARY: &str = "Terms: lookup_held = lookups in one held section (a read guard kept over \
-the batch, as a vCPU within one exit); lookup_cached = through a vCPU handle's cached slot; move-active / \
+pub(crate) const GLOSSARY: &str = "Terms: micro sweep = the benchmark harness of bench/ (bench/README.md), run \
+in this binary, plus the kernel's ioctl and flags in its updates; held section = lookups in one read guard kept \
+over the loop (as a vCPU within one exit); vCPU hit / miss = through a vCPU handle's cached slot; move-active / \
 move-inactive = the host moves a slot the vCPUs are / are not using; misses = accesses finding no slot (MMIO exits \
-on KVM); x = peer / memslots. Details: crates/memslots-cli/src/perf/README.md";
+on KVM); targets' peers: peer figures beside memslots. Details: crates/memslots-cli/src/perf/README.md";
 
 /// The tracked targets, evaluated at the largest slot count measured.
 pub(crate) fn targets(points: &[MicroPoint]) -> Vec<Target> {
@@ -85,7 +106,7 @@ pub(crate) fn targets(points: &[MicroPoint]) -> Vec<Target> {
 }
 
 /// Prints every table.
-pub(crate) fn print(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
+pub(crate) fn print(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
     writeln!(out, "memslots perf ({}): {:.1} s", r.mode, r.runtime_s)?;
     for s in &r.skipped {
         writeln!(out, "skipped: {s}")?;
@@ -94,37 +115,11 @@ pub(crate) fn print(out: &mut impl Write, r: &Report) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "Micro sweep: median per operation (build: all slots from empty); x = peer / memslots, >1 = memslots faster; \
-kvm min–max = its fastest and slowest batch (build: run)"
+        "Micro sweep: the benchmark harness (memslots-bench), run in this binary; for the figure a user's crate \
+gets (default release profile) run: cargo run --release --manifest-path bench/Cargo.toml"
     )?;
-    writeln!(
-        out,
-        "{:<14} {:>6} {:>11} {:>11} {:>8} {:>11} {:>8}  kvm min–max",
-        "metric", "slots", "memslots", "vm-memory", "x", "kvm", "x"
-    )?;
-    let mut sizes: Vec<u32> = r.micro.iter().map(|p| p.slots).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    for metric in METRICS {
-        for &n in &sizes {
-            let m = find(&r.micro, metric, "memslots", n);
-            let cell = |imp: &str| -> (String, String) {
-                match find(&r.micro, metric, imp, n) {
-                    Some(v) => (fmt_ns(v), m.map_or_else(|| "-".into(), |m| format!("{:.1}", v / m))),
-                    None => ("-".into(), "-".into()),
-                }
-            };
-            let (vmm, vmm_x) = cell("vm-memory");
-            let (kvm, kvm_x) = cell("kvm");
-            let kvm_range = point(&r.micro, metric, "kvm", n)
-                .map_or_else(String::new, |p| fmt_range(p.samples, p.min_ns, p.max_ns));
-            writeln!(
-                out,
-                "{metric:<14} {n:>6} {:>11} {vmm:>11} {vmm_x:>8} {kvm:>11} {kvm_x:>8}  {kvm_range}",
-                m.map_or_else(|| "-".into(), fmt_ns)
-            )?;
-        }
-    }
+    memslots_bench::report::header(out, &r.harness.machine, &r.harness.plan)?;
+    memslots_bench::report::print(out, &r.harness)?;
     writeln!(out)?;
     writeln!(
         out,

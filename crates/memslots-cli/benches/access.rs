@@ -1,7 +1,7 @@
 //! Guest memory access benchmarks: memslots-mem against rust-vmm's
 //! `vm-memory` 0.18 `GuestMemoryMmap`, and against plain `memcpy`.
 //!
-//! Run with `cargo bench -p memslots-mem --bench access` (a criterion filter
+//! Run with `cargo bench -p memslots-cli --bench access` (a criterion filter
 //! may follow `--`). Short measurement times: the whole run takes well under
 //! a minute.
 //!
@@ -26,47 +26,28 @@
 #![allow(clippy::cast_possible_truncation, missing_docs)]
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion};
 use memslots::Config;
+use memslots_bench::layout::{random_gpas, STRIDE};
+use memslots_bench::timing::time_table;
 use memslots_mem::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use memslots_mem::{GuestMemory, MapOptions};
 
 const SLOTS: u64 = 32_000;
 const SLOT_BYTES: u64 = 0x4000;
-const STRIDE: u64 = 0x20_0000;
-const TABLE: usize = 1 << 16;
 const COPY: usize = 64 * 1024;
 
-/// splitmix64.
+/// Random 8-byte aligned guest addresses in the 32,000 slots (the shared
+/// helper; a table of 2^16).
 fn table(seed: u64) -> Vec<u64> {
-    let mut x = seed;
-    (0..TABLE)
-        .map(|_| {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            let slot = z % SLOTS;
-            let off = (z >> 32) % (SLOT_BYTES / 8) * 8;
-            slot * STRIDE + off
-        })
-        .collect()
+    random_gpas(SLOTS, SLOT_BYTES, seed)
 }
 
 /// Keeps a result alive for the optimiser.
 fn consume<T>(v: T) {
     black_box(v);
-}
-
-fn timed(iters: u64, mut f: impl FnMut(usize)) -> Duration {
-    let start = Instant::now();
-    for i in 0..iters {
-        f(i as usize & (TABLE - 1));
-    }
-    start.elapsed()
 }
 
 fn bench_read_obj(c: &mut Criterion) {
@@ -90,23 +71,23 @@ fn bench_read_obj(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2)).sample_size(30);
     let id = |name| BenchmarkId::new(name, SLOTS);
     group.bench_function(id("memslots"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(mem.read_obj::<u64>(0, black_box(gpas[i])))))
+        b.iter_custom(|n| time_table(n, |i| consume(mem.read_obj::<u64>(0, black_box(gpas[i])))))
     });
     group.bench_function(id("memslots_held_section"), |b| {
         b.iter_custom(|n| {
             let g = mem.section();
-            timed(n, |i| consume(g.read_obj::<u64>(0, black_box(gpas[i]))))
+            time_table(n, |i| consume(g.read_obj::<u64>(0, black_box(gpas[i]))))
         })
     });
     let vcpu = mem.vcpu();
     group.bench_function(id("memslots_vcpu"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(vcpu.read_obj::<u64>(black_box(gpas[i])))))
+        b.iter_custom(|n| time_table(n, |i| consume(vcpu.read_obj::<u64>(black_box(gpas[i])))))
     });
     group.bench_function(id("memslots_snapshot"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(snap.read_obj::<u64>(GuestAddress(black_box(gpas[i]))).ok())))
+        b.iter_custom(|n| time_table(n, |i| consume(snap.read_obj::<u64>(GuestAddress(black_box(gpas[i]))).ok())))
     });
     group.bench_function(id("vm-memory"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(gm.read_obj::<u64>(GuestAddress(black_box(gpas[i]))).ok())))
+        b.iter_custom(|n| time_table(n, |i| consume(gm.read_obj::<u64>(GuestAddress(black_box(gpas[i]))).ok())))
     });
     group.finish();
 }
@@ -145,32 +126,32 @@ fn bench_read_obj_aliased(c: &mut Criterion) {
     group.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2)).sample_size(30);
     let id = |name| BenchmarkId::new(name, SLOTS);
     group.bench_function(id("memslots"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(mem.read_obj::<u64>(0, black_box(gpas[i])))))
+        b.iter_custom(|n| time_table(n, |i| consume(mem.read_obj::<u64>(0, black_box(gpas[i])))))
     });
     group.bench_function(id("memslots_held_section"), |b| {
         b.iter_custom(|n| {
             let g = mem.section();
-            timed(n, |i| consume(g.read_obj::<u64>(0, black_box(gpas[i]))))
+            time_table(n, |i| consume(g.read_obj::<u64>(0, black_box(gpas[i]))))
         })
     });
     group.bench_function(id("vm-memory"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(gm.read_obj::<u64>(GuestAddress(black_box(gpas[i]))).ok())))
+        b.iter_custom(|n| time_table(n, |i| consume(gm.read_obj::<u64>(GuestAddress(black_box(gpas[i]))).ok())))
     });
     // Where the time goes: the memslots lookups alone (held section).
     group.bench_function(id("breakdown_gfn_to_hva"), |b| {
         b.iter_custom(|n| {
             let g = mem.section();
-            timed(n, |i| consume(g.read_guard().gfn_to_hva(0, black_box(gpas[i]) >> 12)))
+            time_table(n, |i| consume(g.read_guard().gfn_to_hva(0, black_box(gpas[i]) >> 12)))
         })
     });
     group.bench_function(id("breakdown_gfn_to_memslot"), |b| {
         b.iter_custom(|n| {
             let g = mem.section();
-            timed(n, |i| consume(g.read_guard().gfn_to_memslot(0, black_box(gpas[i]) >> 12).map(|s| s.npages)))
+            time_table(n, |i| consume(g.read_guard().gfn_to_memslot(0, black_box(gpas[i]) >> 12).map(|s| s.npages)))
         })
     });
     group.bench_function(id("breakdown_vm-memory_find_region"), |b| {
-        b.iter_custom(|n| timed(n, |i| consume(gm.find_region(GuestAddress(black_box(gpas[i]))).is_some())))
+        b.iter_custom(|n| time_table(n, |i| consume(gm.find_region(GuestAddress(black_box(gpas[i]))).is_some())))
     });
     group.finish();
     drop(gm);

@@ -3,7 +3,7 @@
 //! (`kvm_range_has_memory_attributes`) when it is one range and when it is
 //! 1,024 alternating ranges; one gfn lookup inside a read section.
 //!
-//! `cargo bench -p memslots --bench attributes`
+//! `cargo bench -p memslots-cli --bench attributes`
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use memslots::{Config, MemoryAttributes, Vm, KVM_MEMORY_ATTRIBUTE_PRIVATE as PRIVATE};

@@ -2,27 +2,18 @@
 //! and 1% of pages dirty) with and without manual protect, pushing to a dirty
 //! ring; vm-memory 0.18's `AtomicBitmap` measured beside ours.
 //!
-//! `cargo bench -p memslots --bench dirty`
+//! `cargo bench -p memslots-cli --bench dirty`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use memslots::{Config, DirtyMark, UserMemoryRegion, Vm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES};
+use memslots_bench::layout::{random_below, HVA_BASE as HVA};
+use memslots_bench::timing::{time_after, time_table};
 use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 
 const PAGE: u64 = 4096;
-const HVA: u64 = 0x1000_0000;
-
-fn rng(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed | 1;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
-}
 
 /// A VM with one logging slot of `pages` pages at gfn 0.
 fn logging_vm(pages: u64, manual: bool) -> Vm {
@@ -34,35 +25,20 @@ fn logging_vm(pages: u64, manual: bool) -> Vm {
     vm
 }
 
-fn random_pages(n: usize, pages: u64, seed: u64) -> Vec<u64> {
-    let mut r = rng(seed);
-    (0..n).map(|_| r() % pages).collect()
-}
-
 fn usize_of(v: u64) -> usize {
     usize::try_from(v).expect("fits in usize")
 }
 
-/// A timed loop with the index in a register (a counter captured by a
-/// `Bencher::iter` closure lives in memory and adds a few ns per call).
-fn timed(iters: u64, mut f: impl FnMut(usize)) -> Duration {
-    let t = Instant::now();
-    for n in 0..iters {
-        f(usize_of(n) & 0xffff);
-    }
-    t.elapsed()
-}
-
 fn mark(c: &mut Criterion) {
     let pages = 1 << 18; // 1 GiB slot
-    let idx = random_pages(1 << 16, pages, 7);
+    let idx = random_below(1 << 16, pages, 7);
     let mut g = c.benchmark_group("mark_page_dirty");
     g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
     let vm = logging_vm(pages, false);
     let vcpu = vm.vcpu();
     g.bench_function("memslots/vcpu (section per call)", |b| {
         b.iter_custom(|n| {
-            timed(n, |i| {
+            time_table(n, |i| {
                 let _ = black_box(vcpu.mark_page_dirty(idx[i]));
             })
         })
@@ -70,7 +46,7 @@ fn mark(c: &mut Criterion) {
     let guard = vcpu.read();
     g.bench_function("memslots/vcpu (held section)", |b| {
         b.iter_custom(|n| {
-            timed(n, |i| {
+            time_table(n, |i| {
                 let _ = black_box(guard.mark_page_dirty(idx[i]));
             })
         })
@@ -78,27 +54,15 @@ fn mark(c: &mut Criterion) {
     drop(guard);
     let bitmap = AtomicBitmap::new(usize_of(pages * PAGE), NonZeroUsize::new(4096).unwrap());
     g.bench_function("vm-memory/AtomicBitmap::mark_dirty", |b| {
-        b.iter_custom(|n| timed(n, |i| bitmap.mark_dirty(usize_of(idx[i] * PAGE), 1)))
+        b.iter_custom(|n| time_table(n, |i| bitmap.mark_dirty(usize_of(idx[i] * PAGE), 1)))
     });
     g.finish();
-}
-
-/// `iters` rounds of an untimed `setup` (marking the pages) and a timed `op`.
-fn timed_after(iters: u64, mut setup: impl FnMut(), mut op: impl FnMut()) -> Duration {
-    let mut total = Duration::ZERO;
-    for _ in 0..iters {
-        setup();
-        let t = Instant::now();
-        op();
-        total += t.elapsed();
-    }
-    total
 }
 
 fn harvest(c: &mut Criterion) {
     let pages: u64 = 1 << 24; // 64 GiB slot: 16 Mi pages
     let words = usize_of(pages / 64);
-    let dirty = random_pages(usize_of(pages / 100), pages, 11); // 1% of pages
+    let dirty = random_below(usize_of(pages / 100), pages, 11); // 1% of pages
     let mut g = c.benchmark_group("harvest_64GiB");
     g.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     for (label, marks) in [("none dirty", &dirty[..0]), ("1% dirty", &dirty[..])] {
@@ -114,7 +78,7 @@ fn harvest(c: &mut Criterion) {
         };
         g.bench_function(BenchmarkId::new("memslots/get_dirty_log", label), |b| {
             b.iter_custom(|iters| {
-                timed_after(iters, mark, || {
+                time_after(iters, mark, || {
                     vm.get_dirty_log(0, &mut buf).unwrap();
                     black_box(&buf);
                 })
@@ -122,7 +86,7 @@ fn harvest(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("memslots/harvest_dirty_log (callback)", label), |b| {
             b.iter_custom(|iters| {
-                timed_after(iters, mark, || {
+                time_after(iters, mark, || {
                     let mut pages = 0u64;
                     vm.harvest_dirty_log(0, |_, bits| pages += u64::from(bits.count_ones())).unwrap();
                     black_box(pages);
@@ -141,7 +105,7 @@ fn harvest(c: &mut Criterion) {
         let n = u32::try_from(pages).unwrap();
         g.bench_function(BenchmarkId::new("memslots/get+clear (manual protect)", label), |b| {
             b.iter_custom(|iters| {
-                timed_after(iters, mark, || {
+                time_after(iters, mark, || {
                     vm.get_dirty_log(0, &mut buf).unwrap();
                     vm.clear_dirty_log(0, 0, n, &buf).unwrap();
                 })
@@ -150,7 +114,7 @@ fn harvest(c: &mut Criterion) {
         let bitmap = AtomicBitmap::new(usize_of(pages * PAGE), NonZeroUsize::new(4096).unwrap());
         g.bench_function(BenchmarkId::new("vm-memory/AtomicBitmap::get_and_reset", label), |b| {
             b.iter_custom(|iters| {
-                timed_after(
+                time_after(
                     iters,
                     || marks.iter().for_each(|&p| bitmap.mark_dirty(usize_of(p * PAGE), 1)),
                     || {
@@ -165,7 +129,7 @@ fn harvest(c: &mut Criterion) {
 
 fn ring(c: &mut Criterion) {
     let pages = 1 << 18;
-    let idx = random_pages(1 << 16, pages, 13);
+    let idx = random_below(1 << 16, pages, 13);
     let vm = Vm::new(Config::x86_64().with_address_spaces(1)).unwrap();
     vm.enable_dirty_log_ring(65536 * 16).unwrap();
     vm.set_user_memory_region(&UserMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, pages * PAGE, HVA)).unwrap();
