@@ -121,7 +121,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
 
     /// KVM's `gfn_to_hva`: the host address of `gfn`, for a write (a READONLY
     /// slot gives [`HvaError::ReadOnly`]). Does not touch the set's cache.
-    #[inline]
+    #[inline(always)]
     pub fn gfn_to_hva(&self, as_id: u16, gfn: u64) -> Result<u64, HvaError> {
         self.gfn_to_hva_many(as_id, gfn, true).map(|(hva, _)| hva)
     }
@@ -137,7 +137,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
 
     /// KVM's `gfn_to_hva_many`: the host address and how many pages from
     /// `gfn` to the end of its slot are contiguous.
-    #[inline]
+    #[inline(always)]
     pub fn gfn_to_hva_many(&self, as_id: u16, gfn: u64, write: bool) -> Result<(u64, u64), HvaError> {
         let set = self.set(as_id).ok_or(HvaError::NoSlot)?;
         let (base, e) = set.search(gfn).ok_or(HvaError::NoSlot)?;
