@@ -23,7 +23,10 @@
 //! re-check and retries. DESIGN.md has the full argument; `loom` checks it
 //! (`RUSTFLAGS="--cfg loom" cargo test -p memslots --release --lib loom`).
 
-use crate::sync::{backoff, fence, lock, loom_seqcst_fence, Arc, AtomicU64, AtomicUsize, Mutex, Ordering, UnsafeCell};
+use crate::sync::{
+    backoff, fence, lock, loom_seqcst_fence, Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Mutex, Ordering,
+    UnsafeCell,
+};
 use alloc::vec::Vec;
 
 /// Bit 63 of a generation: "an update of this address space is in progress".
@@ -37,20 +40,49 @@ pub const GEN_UPDATE_IN_PROGRESS: u64 = 1 << 63;
 #[derive(Debug)]
 pub(crate) struct ReaderRecord {
     counts: [AtomicUsize; 2],
+    /// Exclusive records only, written only by their owner thread: how many
+    /// symmetric sections the record made (up to [`ARM_AFTER`]), or
+    /// [`ARMED`] once its sections use the asymmetric fence.
+    mode: AtomicU32,
 }
 
 impl ReaderRecord {
     fn new() -> Self {
-        ReaderRecord { counts: [AtomicUsize::new(0), AtomicUsize::new(0)] }
+        ReaderRecord { counts: [AtomicUsize::new(0), AtomicUsize::new(0)], mode: AtomicU32::new(0) }
     }
 }
+
+/// An exclusive record is armed after this many symmetric sections: a
+/// thread that makes only the odd lookup never makes the VM's grace periods
+/// pay for `membarrier(2)`. Under loom, at the first section (the models
+/// are short).
+#[cfg_attr(not(any(feature = "membarrier", loom)), allow(dead_code))]
+const ARM_AFTER: u32 = if cfg!(loom) { 0 } else { 64 };
+/// [`ReaderRecord::mode`] of an armed record.
+#[cfg_attr(not(any(feature = "membarrier", loom)), allow(dead_code))]
+const ARMED: u32 = u32::MAX;
+/// [`Srcu::phase`] bit: records of this domain may be armed.
+const CAPABLE: usize = 2;
 
 /// The records a grace period scans (besides the shared one).
 type Registry = Mutex<Vec<Arc<ReaderRecord>>>;
 
 /// Grace-period domain of one VM.
 pub(crate) struct Srcu {
+    /// Bit 0: the current phase (the counter new sections increment). Bit 1
+    /// ([`CAPABLE`], constant): exclusive records may be armed
+    /// (`membarrier(2)` is registered and the VM's configuration allows it,
+    /// [`crate::Config::asymmetric_readers`]); in the same word so that a
+    /// section learns it from the load it makes anyway.
     phase: AtomicUsize,
+    /// Some record of this domain is armed (set with a `SeqCst` RMW before
+    /// the record's first asymmetric section, never cleared): grace periods
+    /// then need the heavy barrier.
+    armed: AtomicBool,
+    /// Loom: a grace period needed the heavy barrier, which loom cannot
+    /// model (the model stops there; see `loom_tests`).
+    #[cfg(loom)]
+    heavy_needed: AtomicBool,
     shared: ReaderRecord,
     /// In an `Arc` so that a thread's record of this domain
     /// ([`Srcu::anonymous`]) can unregister itself when the thread exits,
@@ -260,9 +292,25 @@ impl core::fmt::Debug for Srcu {
 }
 
 impl Srcu {
-    pub(crate) fn new() -> Self {
+    /// A domain; with `asymmetric`, its exclusive records may be armed if
+    /// `membarrier(2)` can be registered (`membarrier.rs`).
+    pub(crate) fn new(asymmetric: bool) -> Self {
+        Self::with_capability(asymmetric && crate::membarrier::register())
+    }
+
+    /// Loom: a domain whose exclusive records arm at their first section,
+    /// although loom cannot model the heavy barrier (see `loom_tests`).
+    #[cfg(all(test, loom))]
+    fn new_armable() -> Self {
+        Self::with_capability(true)
+    }
+
+    fn with_capability(asym_capable: bool) -> Self {
         Srcu {
-            phase: AtomicUsize::new(0),
+            phase: AtomicUsize::new(if asym_capable { CAPABLE } else { 0 }),
+            armed: AtomicBool::new(false),
+            #[cfg(loom)]
+            heavy_needed: AtomicBool::new(false),
             shared: ReaderRecord::new(),
             registry: Arc::new(Mutex::new(Vec::new())),
             id: NEXT_DOMAIN.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
@@ -317,6 +365,11 @@ impl Srcu {
         }
     }
 
+    /// Whether some record is armed (diagnostics).
+    pub(crate) fn armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
+    }
+
     /// Number of registered reader records (diagnostics).
     pub(crate) fn registered(&self) -> usize {
         lock(&self.registry).len()
@@ -355,10 +408,26 @@ impl Srcu {
     #[inline]
     fn read_lock_as<'a>(&self, record: &'a ReaderRecord, exclusive: bool) -> SrcuGuard<'a> {
         loop {
-            let phase = self.phase.load(Ordering::SeqCst);
+            let word = self.phase.load(Ordering::SeqCst);
+            #[cfg(any(feature = "membarrier", loom))]
+            if exclusive && word & CAPABLE != 0 {
+                // Only the owner thread reads or writes `mode` (the contract
+                // of `read_lock_exclusive`).
+                let mode = record.mode.load(Ordering::Relaxed);
+                if mode == ARMED {
+                    return self.read_lock_armed(record);
+                }
+                if mode >= ARM_AFTER {
+                    self.arm(record);
+                    return self.read_lock_armed(record);
+                }
+                record.mode.store(mode + 1, Ordering::Relaxed);
+            }
+            // Without arming the word is the phase (no mask to apply).
+            let phase = if cfg!(any(feature = "membarrier", loom)) { word & 1 } else { word };
             record.counts[phase].fetch_add(1, Ordering::SeqCst);
             loom_seqcst_fence();
-            if self.phase.load(Ordering::SeqCst) == phase {
+            if self.phase.load(Ordering::SeqCst) == word {
                 #[cfg(all(feature = "std", debug_assertions, not(loom)))]
                 section_check::enter(self.domain());
                 return SrcuGuard {
@@ -371,6 +440,80 @@ impl Srcu {
             }
             record.counts[phase].fetch_sub(1, Ordering::Release);
         }
+    }
+
+    /// Arms an exclusive record: from now on its sections are entered with a
+    /// plain store ([`read_lock_armed`](Self::read_lock_armed)) and this
+    /// domain's grace periods make the heavy barrier.
+    ///
+    /// Why a grace period that finds `armed` unset may skip the heavy
+    /// barrier: its load of `armed` follows a `SeqCst` fence that follows its
+    /// phase flip; here the `SeqCst` RMW of `armed` precedes a `SeqCst`
+    /// fence that precedes every armed section of this record. If the
+    /// writer's load did not see this RMW, its fence precedes ours in the
+    /// fences' total order, so every load this record makes after ours (its
+    /// sections' loads of the phase and of the active set) sees the flip and
+    /// the publish before it: those sections read the new state, and the
+    /// writer need not wait for them. Sections made before arming were
+    /// symmetric. `loom_tests::loom_armed_reader_*` check it.
+    #[cfg_attr(not(any(feature = "membarrier", loom)), allow(dead_code))]
+    #[cold]
+    #[inline(never)]
+    fn arm(&self, record: &ReaderRecord) {
+        self.armed.swap(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        record.mode.store(ARMED, Ordering::Relaxed);
+    }
+
+    /// A section on an armed exclusive record: the increment is a plain
+    /// store followed by a compiler barrier; the writer's `membarrier(2)`
+    /// (`membarrier.rs`) supplies the full barrier the store-then-load
+    /// handshake needs. Split at any instruction by that barrier, a section
+    /// either stored its increment before it (the writer, scanning after
+    /// its barrier, sees the increment and waits) or makes its re-check after
+    /// it (and sees the flip, so it retries on the new phase, whose loads see
+    /// the publish: the re-check is an acquire load of the release flip).
+    #[cfg_attr(not(any(feature = "membarrier", loom)), allow(dead_code))]
+    #[inline(always)]
+    fn read_lock_armed<'a>(&self, record: &'a ReaderRecord) -> SrcuGuard<'a> {
+        loop {
+            let word = self.phase.load(Ordering::Relaxed);
+            let phase = word & 1;
+            let count = &record.counts[phase];
+            // Only this thread writes `count` (exclusive record).
+            count.store(count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            core::sync::atomic::compiler_fence(Ordering::SeqCst);
+            if self.phase.load(Ordering::Acquire) == word {
+                #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+                section_check::enter(self.domain());
+                return SrcuGuard {
+                    record,
+                    phase,
+                    exclusive: true,
+                    #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+                    domain: self.domain(),
+                };
+            }
+            count.store(count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The heavy half of the asymmetric fence, if any record of this domain
+    /// is armed (see [`arm`](Self::arm)): after it, every armed section's
+    /// increment is visible, or the section sees the flip.
+    fn heavy_barrier_if_armed(&self) {
+        if self.armed.load(Ordering::SeqCst) {
+            #[cfg(loom)]
+            self.heavy_needed.store(true, Ordering::SeqCst);
+            crate::membarrier::heavy_barrier();
+        }
+    }
+
+    /// Loom: whether a grace period needed the heavy barrier (and so did not
+    /// really wait for armed readers: the model must not go on).
+    #[cfg(all(test, loom))]
+    fn heavy_needed(&self) -> bool {
+        self.heavy_needed.load(Ordering::SeqCst)
     }
 
     #[cfg(all(feature = "std", debug_assertions, not(loom)))]
@@ -402,10 +545,12 @@ impl Srcu {
         // Order the caller's publish before the flip for readers that will
         // observe the flip (the flip itself is SeqCst too).
         fence(Ordering::SeqCst);
-        let old = self.phase.load(Ordering::Relaxed);
-        self.phase.store(old ^ 1, Ordering::SeqCst);
+        let word = self.phase.load(Ordering::Relaxed);
+        self.phase.store(word ^ 1, Ordering::SeqCst);
+        let old = word & 1;
         // Store (phase) then load (counters): the writer's half of the handshake.
         fence(Ordering::SeqCst);
+        self.heavy_barrier_if_armed();
         Self::wait_zero(&self.shared.counts[old]);
         // Scan under the registry lock, wait without it: a reader inside a
         // section may register a new handle, which takes that lock. Only the
@@ -588,10 +733,15 @@ mod loom_tests {
 
     /// Reader 0 uses the shared record (atomic decrements) unless
     /// `all_own`; the others, and reader 0 then, register their own and
-    /// leave with a plain store (`read_lock_exclusive`).
-    fn run(readers: usize, updates: u64, all_own: bool) {
+    /// leave with a plain store (`read_lock_exclusive`). With `armable`,
+    /// those records arm at their first section and enter with a plain
+    /// store: loom cannot model the writer's `membarrier(2)`, so the model
+    /// checks the executions in which the writer's grace periods found no
+    /// record armed and skipped it (the arming handshake), and stops the
+    /// writer before it changes anything once one needed it.
+    fn run(readers: usize, updates: u64, all_own: bool, armable: bool) {
         loom::model(move || {
-            let srcu = Arc::new(Srcu::new());
+            let srcu = Arc::new(if armable { Srcu::new_armable() } else { Srcu::new(false) });
             let sets = Arc::new(TwoSets::new(Set { a: 0, b: 0 }, Set { a: 0, b: 0 }, 0, 1));
             let writer_lock = Arc::new(Mutex::new(()));
             let mut handles = Vec::new();
@@ -641,6 +791,9 @@ mod loom_tests {
                         s.b = v;
                     });
                     sets.swap(&srcu);
+                    if srcu.heavy_needed() {
+                        break;
+                    }
                     sets.with_inactive_mut(|s| {
                         s.a = v;
                         s.b = v;
@@ -655,16 +808,26 @@ mod loom_tests {
 
     #[test]
     fn loom_one_reader_two_updates() {
-        run(1, 2, false);
+        run(1, 2, false, false);
     }
 
     #[test]
     fn loom_one_exclusive_reader_two_updates() {
-        run(1, 2, true);
+        run(1, 2, true, false);
     }
 
     #[test]
     fn loom_two_readers_one_update() {
-        run(2, 1, false);
+        run(2, 1, false, false);
+    }
+
+    #[test]
+    fn loom_armed_reader_two_updates() {
+        run(1, 2, true, true);
+    }
+
+    #[test]
+    fn loom_armed_and_shared_readers_one_update() {
+        run(2, 1, false, true);
     }
 }

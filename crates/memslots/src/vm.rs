@@ -145,7 +145,7 @@ impl<H: ArchHooks> Vm<H> {
         Ok(Vm {
             config,
             spaces: spaces.into_boxed_slice(),
-            srcu: Srcu::new(),
+            srcu: Srcu::new(config.asymmetric_readers),
             writer: Mutex::new(WriterState::default()),
             hooks,
             total_pages: AtomicU64::new(0),
@@ -208,6 +208,14 @@ impl<H: ArchHooks> Vm<H> {
     /// (`vm.read()`, `vm.gfn_to_hva`, ...), removed when that thread exits.
     pub fn registered_readers(&self) -> usize {
         self.srcu.registered()
+    }
+
+    /// Whether some reader record of this VM is *armed*: a vCPU handle or a
+    /// thread's anonymous lookups made enough sections to switch to the
+    /// asymmetric protocol ([`Config::asymmetric_readers`]), so that every
+    /// grace period of this VM from then on calls `membarrier(2)`.
+    pub fn readers_armed(&self) -> bool {
+        self.srcu.armed()
     }
 
     /// Metadata memory in use by the whole VM, measured from the live
