@@ -52,12 +52,14 @@ pub struct Config {
     /// refused with [`Error::BadConfig`]). Off by default: every section is
     /// entered with a locked instruction (about 10 ns here) and an update
     /// pays nothing extra. With `true`, on Linux, a thread that keeps making
-    /// lookups on its own record (a vCPU handle, a thread's anonymous `vm.gfn_to_hva` calls) switches,
-    /// after 64 sections, to sections entered with a plain store, and every
-    /// grace period of the VM from then on calls `membarrier(2)`
-    /// (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`, as liburcu's urcu-memb does).
+    /// lookups on its own record (a vCPU handle, a thread's anonymous
+    /// `vm.gfn_to_hva` calls) switches, after 64 sections, to sections
+    /// entered with a plain store, and every grace period of the VM from then
+    /// on calls `membarrier(2)` (`MEMBARRIER_CMD_PRIVATE_EXPEDITED`, as
+    /// liburcu's urcu-memb does).
     ///
-    /// Measured on the project's host (BENCHMARKS.md): anonymous lookups
+    /// Measured on the project's host with the `bench/` harness (`--quick`,
+    /// 2026-12-03; not in BENCHMARKS.md's table): anonymous lookups
     /// 11.5 -> 6.3 ns at 1 slot and 12.7 -> 7.8 ns at 16, no gain from 256
     /// slots (the out-of-order core hid the locked instruction there), and
     /// each grace period (one per CREATE or flags change, two per DELETE or

@@ -428,17 +428,23 @@ impl Srcu {
             record.counts[phase].fetch_add(1, Ordering::SeqCst);
             loom_seqcst_fence();
             if self.phase.load(Ordering::SeqCst) == word {
-                #[cfg(all(feature = "std", debug_assertions, not(loom)))]
-                section_check::enter(self.domain());
-                return SrcuGuard {
-                    record,
-                    phase,
-                    exclusive,
-                    #[cfg(all(feature = "std", debug_assertions, not(loom)))]
-                    domain: self.domain(),
-                };
+                return self.entered(record, phase, exclusive);
             }
             record.counts[phase].fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// The guard of a section just entered on `record`'s `phase` counter.
+    #[inline(always)]
+    fn entered<'a>(&self, record: &'a ReaderRecord, phase: usize, exclusive: bool) -> SrcuGuard<'a> {
+        #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+        section_check::enter(self.domain());
+        SrcuGuard {
+            record,
+            phase,
+            exclusive,
+            #[cfg(all(feature = "std", debug_assertions, not(loom)))]
+            domain: self.domain(),
         }
     }
 
@@ -484,15 +490,7 @@ impl Srcu {
             count.store(count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             core::sync::atomic::compiler_fence(Ordering::SeqCst);
             if self.phase.load(Ordering::Acquire) == word {
-                #[cfg(all(feature = "std", debug_assertions, not(loom)))]
-                section_check::enter(self.domain());
-                return SrcuGuard {
-                    record,
-                    phase,
-                    exclusive: true,
-                    #[cfg(all(feature = "std", debug_assertions, not(loom)))]
-                    domain: self.domain(),
-                };
+                return self.entered(record, phase, true);
             }
             count.store(count.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
         }
