@@ -49,7 +49,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     /// A section the library opens and closes inside one call on this
     /// thread ([`Srcu::read_lock_one_call`](crate::srcu::Srcu::read_lock_one_call)):
     /// the guard must stay a local of the caller.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn one_call(vm: &'a Vm<H>) -> Self {
         ReadGuard { vm, guard: vm.srcu.read_lock_one_call() }
     }
@@ -60,7 +60,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     ///
     /// As [`Srcu::read_lock_exclusive`](crate::srcu::Srcu::read_lock_exclusive):
     /// every section on `record` is entered and left on the calling thread.
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn exclusive(vm: &'a Vm<H>, record: &'a ReaderRecord) -> Self {
         // SAFETY: the caller's contract.
         ReadGuard { vm, guard: unsafe { vm.srcu.read_lock_exclusive(record) } }
@@ -254,7 +254,13 @@ impl<H: ArchHooks> Vm<H> {
     }
 
     /// [`ReadGuard::gfn_to_hva`] in a section of its own.
-    #[inline]
+    ///
+    /// Always inlined, with the section entry under it: left as a call in a
+    /// user's crate (the default release profile did), each lookup paid the
+    /// call's register saves, and the section's locked increment waits for
+    /// those stores to drain (measured from the bench crate: 10.9 -> 7.3 ns
+    /// at 1 slot, 12.0 -> 8.3 ns at 16).
+    #[inline(always)]
     pub fn gfn_to_hva(&self, as_id: u16, gfn: u64) -> Result<u64, HvaError> {
         ReadGuard::one_call(self).gfn_to_hva(as_id, gfn)
     }

@@ -101,8 +101,9 @@ static NEXT_DOMAIN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU6
 /// modified and no slot reachable from it is freed.
 #[derive(Debug)]
 pub(crate) struct SrcuGuard<'a> {
-    record: &'a ReaderRecord,
-    phase: usize,
+    /// The counter this section incremented (its record's, of its phase):
+    /// with `exclusive`, two words, which stay in registers.
+    count: &'a AtomicUsize,
     /// Every section on `record` is entered and left on this thread
     /// ([`Srcu::read_lock_exclusive`]): leaving is a plain release store.
     exclusive: bool,
@@ -116,7 +117,7 @@ impl Drop for SrcuGuard<'_> {
     fn drop(&mut self) {
         // Release: everything this reader read happens-before the writer's
         // acquire load that sees the counter drop.
-        let count = &self.record.counts[self.phase];
+        let count = self.count;
         if self.exclusive {
             // Only this thread writes `count` (the contract of
             // `read_lock_exclusive`), so a load and a store are the
@@ -337,7 +338,7 @@ impl Srcu {
     /// the thread's exclusive record, left with a plain store; otherwise as
     /// [`anonymous`](Self::anonymous). The guard must not leave the calling
     /// thread (callers keep it in a local and never hand it out).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read_lock_one_call(&self) -> SrcuGuard<'_> {
         #[cfg(all(feature = "std", not(loom)))]
         if let Some((_, r)) = per_thread::records(self) {
@@ -400,12 +401,12 @@ impl Srcu {
     /// (no other thread enters or leaves a section on `record`). A
     /// decrement racing with another thread's increment could lose it, and a
     /// grace period could then end under a reader.
-    #[inline]
+    #[inline(always)]
     pub(crate) unsafe fn read_lock_exclusive<'a>(&self, record: &'a ReaderRecord) -> SrcuGuard<'a> {
         self.read_lock_as(record, true)
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_lock_as<'a>(&self, record: &'a ReaderRecord, exclusive: bool) -> SrcuGuard<'a> {
         loop {
             let word = self.phase.load(Ordering::SeqCst);
@@ -440,8 +441,7 @@ impl Srcu {
         #[cfg(all(feature = "std", debug_assertions, not(loom)))]
         section_check::enter(self.domain());
         SrcuGuard {
-            record,
-            phase,
+            count: &record.counts[phase],
             exclusive,
             #[cfg(all(feature = "std", debug_assertions, not(loom)))]
             domain: self.domain(),
