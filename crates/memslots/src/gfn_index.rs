@@ -13,9 +13,10 @@
 //!   slots created in order, so it stays in L1/L2), unrolled so that every
 //!   step is a conditional move and not a mispredicted branch, then the
 //!   block pointer;
-//! - a branchless five-step search of the block's keys (the padding makes
-//!   every block look full, so no length is loaded), at the block pointer
-//!   itself: no vector header to go through;
+//! - a branchless count of the block's keys `<= gfn`: the first key of each
+//!   line (independent loads), then the keys of the one line that holds
+//!   the answer (the padding makes every block look full, so no length is
+//!   loaded), at the block pointer itself: no vector header to go through;
 //! - one entry load, at an address computed from the block pointer.
 //!
 //! That is two dependent trips to memory beyond the top arrays (key lines,
@@ -101,19 +102,25 @@ impl<E: Copy> Block<E> {
             // Every padding key is `<= gfn` too.
             return self.len - 1;
         }
-        // Branchless binary search over all BLOCK_MAX keys (a power of two):
-        // the padding is never `<= gfn`.
-        let k = self.keys();
-        let mut i = 0;
-        let mut step = BLOCK_MAX / 2;
-        while step > 0 {
-            let j = (i | step) & (BLOCK_MAX - 1);
-            if k[j] <= gfn {
-                i = j;
-            }
-            step /= 2;
+        // Two rounds of counting, not a binary search: first how many of the
+        // lines after the first start with a key `<= gfn` (three loads
+        // from three lines, independent of each other, so their cache
+        // misses overlap), then how many keys after the first of that line
+        // are `<= gfn` (one line). Keys ascend and the padding is never
+        // `<= gfn`, so each count is the position of the last key `<= gfn`.
+        // A binary search made up to five dependent loads from three lines:
+        // at thousands of slots, where blocks are not in L1, one trip to
+        // memory after another.
+        let mut line = 0;
+        for l in 1..LINES {
+            line += usize::from(self.keys[l][0] <= gfn);
         }
-        i
+        let row = &self.keys[line];
+        let mut at = 0;
+        for &k in &row[1..] {
+            at += usize::from(k <= gfn);
+        }
+        line * LINE + at
     }
 
     /// Inserts at `i`; the block must not be full.
