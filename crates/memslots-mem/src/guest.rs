@@ -68,9 +68,10 @@ pub type MemLayers<H = NoArch> = Layered<MemHooks, H>;
 /// The memslots VM of a [`GuestMemory`].
 pub type MemVm<H = NoArch> = Vm<MemLayers<H>>;
 
-/// Something the guest-memory layer clears when a slot is deleted (the
-/// snapshot cache of a [`MemslotsAddressSpace`](crate::MemslotsAddressSpace)).
-pub(crate) trait ClearOnDelete: Send + Sync {
+/// Something the guest-memory layer clears when an address space's slots
+/// change and when a slot is deleted (the snapshot cache of a
+/// [`MemslotsAddressSpace`](crate::MemslotsAddressSpace)).
+pub(crate) trait ClearOnUpdate: Send + Sync {
     fn clear(&self, as_id: u16);
 }
 
@@ -85,9 +86,11 @@ pub struct MemHooks {
     /// Refuse (`EFAULT`) slots whose host range is not inside a registered
     /// mapping, instead of creating them unbacked.
     strict: bool,
-    /// Snapshot caches to drop when a slot is deleted, so a deleted slot's
-    /// mapping is not kept alive by a cache nobody refreshes.
-    caches: Mutex<Vec<Weak<dyn ClearOnDelete>>>,
+    /// Snapshot caches to drop at every publish of their address space
+    /// (`memslots_updated`: `memory()` then needs no generation check) and
+    /// when a slot is deleted (so a deleted slot's mapping is not kept alive
+    /// by a cache nobody refreshes).
+    caches: Mutex<Vec<Weak<dyn ClearOnUpdate>>>,
     /// Test hook: the next prepare fails with this errno (0: none).
     inject: std::sync::atomic::AtomicI32,
     /// Unbacked slots that readers may see: incremented when such a slot is
@@ -134,7 +137,7 @@ impl MemHooks {
         self.inject.store(errno.0, Ordering::Release);
     }
 
-    pub(crate) fn add_cache(&self, cache: Weak<dyn ClearOnDelete>) {
+    pub(crate) fn add_cache(&self, cache: Weak<dyn ClearOnUpdate>) {
         let mut c = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
         c.retain(|w| w.strong_count() > 0);
         c.push(cache);
@@ -262,15 +265,31 @@ impl ArchHooks for MemHooks {
         }
         // Snapshot caches may hold the deleted slot's mapping: drop them
         // (the next `memory()` builds a fresh one).
-        let caches: Vec<_> =
-            self.caches.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
-        for c in caches {
-            c.clear(old.as_id);
-        }
+        self.clear_caches(old.as_id);
+    }
+
+    fn memslots_updated(&self, as_id: u16, _generation: u64) {
+        // Called after each publish of `as_id` and its grace period, before
+        // the final generation is stored. A snapshot cached before this
+        // clear may show the state before the publish; one taken from here
+        // until the final generation is stored carries the in-progress bit
+        // and is not cached (`MemslotsAddressSpace::refresh`). So a cached
+        // snapshot is always current once the update has returned, and
+        // `memory()` does not have to compare generations.
+        self.clear_caches(as_id);
     }
 }
 
 impl MemHooks {
+    /// Drops the snapshot caches of address space `as_id`.
+    fn clear_caches(&self, as_id: u16) {
+        let caches: Vec<_> =
+            self.caches.lock().unwrap_or_else(PoisonError::into_inner).iter().filter_map(Weak::upgrade).collect();
+        for c in caches {
+            c.clear(as_id);
+        }
+    }
+
     /// Whether no unbacked slot can be seen by a reader whose section found
     /// its slot *before* this call (see the `unbacked` field).
     #[inline]

@@ -38,7 +38,7 @@ use vm_memory::{
     GuestMemoryRegionBytes, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::guest::{ClearOnDelete, GuestMemory, MemLayers, MemVm, Slot};
+use crate::guest::{ClearOnUpdate, GuestMemory, MemLayers, MemVm, Slot};
 use crate::host::HostMemory;
 
 /// The dirty log of one memslot, as a vm-memory [`Bitmap`]: region-relative
@@ -363,12 +363,12 @@ impl<H: ArchHooks> GuestMemory<H> {
     }
 
     /// A vm-memory [`GuestAddressSpace`] over address space `as_id`. Its
-    /// cached snapshot is dropped when a slot of the VM is deleted (after
-    /// the delete's grace period), so it never keeps a deleted slot's
-    /// mapping alive on its own.
+    /// cached snapshot is dropped at every publish of the address space's
+    /// slots and when a slot of the VM is deleted (after the delete's grace
+    /// period), so it never keeps a deleted slot's mapping alive on its own.
     pub fn address_space(&self, as_id: u16) -> MemslotsAddressSpace<H> {
         let cache: Arc<SnapshotCache<H>> = Arc::new(SnapshotCache::new(as_id));
-        let weak: std::sync::Weak<dyn ClearOnDelete> = Arc::downgrade(&(Arc::clone(&cache) as Arc<dyn ClearOnDelete>));
+        let weak: std::sync::Weak<dyn ClearOnUpdate> = Arc::downgrade(&(Arc::clone(&cache) as Arc<dyn ClearOnUpdate>));
         self.mem_hooks().add_cache(weak);
         MemslotsAddressSpace { mem: self.clone(), as_id, cache }
     }
@@ -377,11 +377,15 @@ impl<H: ArchHooks> GuestMemory<H> {
 /// The snapshot a [`MemslotsAddressSpace`] (and its clones) reuse.
 ///
 /// `memory()` reads it without a lock (an `ArcSwap` load, as
-/// `GuestMemoryAtomic` does) while the generation is unchanged. Replacing
-/// it (`memory()` after a change) and clearing it (a slot was deleted) are
-/// serialised by `update`, so a snapshot taken before a delete's clear is
-/// never stored after it: a slot deleted and cleared is not kept alive by
-/// the cache. Cleared, it holds `empty`, a snapshot with no regions whose
+/// `GuestMemoryAtomic` does). Every publish of the address space clears it
+/// (`MemHooks::memslots_updated`), and a delete clears it again once the
+/// slot is gone from both sets. Replacing it (`memory()` after a clear) and
+/// clearing it are serialised by `update`, and a snapshot is taken under
+/// that lock: one taken before a publish is stored before the clear that
+/// follows the publish, and so is cleared; one taken after the publish and
+/// before the final generation is stored carries the in-progress bit and is
+/// not stored. A cached snapshot is therefore current, and a slot deleted
+/// and cleared is not kept alive by the cache. Cleared, it holds `empty`, a snapshot with no regions whose
 /// generation has [`GEN_UPDATE_IN_PROGRESS`](memslots::GEN_UPDATE_IN_PROGRESS)
 /// set, which `memory()` never returns from the cache.
 struct SnapshotCache<H: ArchHooks> {
@@ -406,7 +410,7 @@ impl<H: ArchHooks> SnapshotCache<H> {
     }
 }
 
-impl<H: ArchHooks> ClearOnDelete for SnapshotCache<H> {
+impl<H: ArchHooks> ClearOnUpdate for SnapshotCache<H> {
     fn clear(&self, as_id: u16) {
         let lock = self.update.lock().unwrap_or_else(PoisonError::into_inner);
         if self.current.load().as_id == as_id {
@@ -510,11 +514,13 @@ impl<H: ArchHooks> GuestAddressSpace for MemslotsAddressSpace<H> {
 
     #[inline]
     fn memory(&self) -> SnapshotGuard<H> {
-        let now = self.mem.vm().generation(self.as_id);
         let guard = self.cache.current.load();
-        // A cached snapshot never has the in-progress bit (the empty one
-        // has it, so it is never returned from here).
-        if Some(guard.generation) == now && guard.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0 {
+        // Every publish of this address space clears the cache
+        // (`MemHooks::memslots_updated`), so a cached snapshot is current:
+        // no generation to compare (one dependent chain of loads less than
+        // a check against the VM). The empty snapshot has the in-progress
+        // bit, so it is never returned from here.
+        if guard.generation & memslots::GEN_UPDATE_IN_PROGRESS == 0 {
             return SnapshotGuard { guard };
         }
         drop(guard);

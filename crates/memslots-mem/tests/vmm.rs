@@ -199,3 +199,74 @@ fn virtio_queue_descriptor_chain_over_memslots() {
     // The device's write is in the memslots dirty log of the output slot.
     assert_eq!(dirty_pages(&mem, 3), [0]);
 }
+
+#[test]
+fn memory_follows_every_kind_of_update() {
+    // `memory()` returns its cached snapshot without comparing generations:
+    // every publish must clear the cache, or one of these would see the
+    // state before the change.
+    let mem = GuestMemory::new(Config::default()).unwrap();
+    let a = mem.map_anonymous(4 * PG, &MapOptions::new()).unwrap();
+    let space = mem.address_space(0);
+    assert_eq!(space.memory().num_regions(), 0);
+    mem.set_region(0, 0, 0, &a, 0, 2 * PG).unwrap();
+    let s = space.memory();
+    assert_eq!(s.num_regions(), 1);
+    assert!(SnapshotGuard::ptr_eq(&s, &space.memory()), "unchanged: the cached snapshot");
+    // Create.
+    mem.set_region(1, 0, 0x10_0000, &a, 2 * PG, 2 * PG).unwrap();
+    assert_eq!(space.memory().num_regions(), 2);
+    // Move.
+    mem.set_region(1, 0, 0x20_0000, &a, 2 * PG, 2 * PG).unwrap();
+    let m = space.memory();
+    assert!(m.find_region(GuestAddress(0x10_0000)).is_none());
+    assert!(m.find_region(GuestAddress(0x20_0000)).is_some());
+    // Flags only (dirty logging on).
+    assert_eq!(m.find_region(GuestAddress(0x20_0000)).unwrap().desc().flags, 0);
+    mem.set_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x20_0000, &a, 2 * PG, 2 * PG).unwrap();
+    let f = space.memory();
+    assert_eq!(f.find_region(GuestAddress(0x20_0000)).unwrap().desc().flags, KVM_MEM_LOG_DIRTY_PAGES);
+    // Delete.
+    mem.delete_region(1).unwrap();
+    assert_eq!(space.memory().num_regions(), 1);
+    // Unchanged again: the cached snapshot.
+    let s = space.memory();
+    assert!(SnapshotGuard::ptr_eq(&s, &space.memory()));
+}
+
+#[test]
+fn memory_never_returns_a_snapshot_older_than_a_finished_update() {
+    // A writer moves one slot to ever higher addresses and publishes the
+    // step after each move returns; a reader that saw step `i` must never
+    // get a snapshot showing the slot below step `i` (a stale cached
+    // snapshot), only at `i` or later, or not at all (mid-move, INVALID).
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const STEPS: u64 = 2000;
+    let mem = GuestMemory::new(Config::default()).unwrap();
+    let a = mem.map_anonymous(PG, &MapOptions::new()).unwrap();
+    mem.set_region(0, 0, 0, &a, 0, PG).unwrap();
+    let space = mem.address_space(0);
+    let done = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 1..=STEPS {
+                mem.set_region(0, 0, i * PG, &a, 0, PG).unwrap();
+                done.store(i, Ordering::Release);
+            }
+        });
+        let mut checks = 0u64;
+        loop {
+            let seen = done.load(Ordering::Acquire);
+            let m = space.memory();
+            if let Some(r) = m.iter().next() {
+                let at = r.start_addr().raw_value() / PG;
+                assert!(at >= seen, "memory() showed step {at} after step {seen} had returned");
+            }
+            checks += 1;
+            if seen == STEPS {
+                break;
+            }
+        }
+        assert!(checks > 0);
+    });
+}
