@@ -41,7 +41,8 @@ use alloc::vec::Vec;
 
 /// Keys per 64-byte cache line.
 const LINE: usize = 8;
-/// Cache lines of keys per block. Four (32 keys) rather than eight: lookups
+/// Cache lines of keys per block (`Block::floor_index` is written for
+/// four lines of eight). Four (32 keys) rather than eight: lookups
 /// are as fast (one more top step, one fewer block step) and updates move
 /// half as many bytes.
 const LINES: usize = 4;
@@ -111,15 +112,13 @@ impl<E: Copy> Block<E> {
         // A binary search made up to five dependent loads from three lines:
         // at thousands of slots, where blocks are not in L1, one trip to
         // memory after another.
-        let mut line = 0;
-        for l in 1..LINES {
-            line += usize::from(self.keys[l][0] <= gfn);
-        }
-        let row = &self.keys[line];
-        let mut at = 0;
-        for &k in &row[1..] {
-            at += usize::from(k <= gfn);
-        }
+        const { assert!(LINES == 4 && LINE == 8) };
+        let le = |k: u64| usize::from(k <= gfn);
+        let k = &self.keys;
+        let line = le(k[1][0]) + (le(k[2][0]) + le(k[3][0]));
+        let r = &k[line];
+        // Summed as a tree, not a chain of seven adds.
+        let at = ((le(r[1]) + le(r[2])) + (le(r[3]) + le(r[4]))) + ((le(r[5]) + le(r[6])) + le(r[7]));
         line * LINE + at
     }
 
