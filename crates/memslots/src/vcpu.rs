@@ -295,7 +295,8 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
     #[inline]
     fn fill_entry(&self, gen: u64, gfn: u64) -> Option<Cache<H::SlotData>> {
         let vcpu = self.vcpu;
-        let set = self.guard.set(vcpu.as_id)?;
+        // `vcpu.space` is `vm.spaces[vcpu.as_id]`: no bounds check on the way.
+        let set = vcpu.space.active(self.guard.srcu_guard());
         let (base, e) = set.search(gfn)?;
         let fresh = Cache { gen, base_gfn: base, npages: e.npages, hva: e.hva, flags: e.flags, slot: Some(e.slot) };
         if gen & GEN_UPDATE_IN_PROGRESS == 0 {
