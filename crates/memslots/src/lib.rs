@@ -101,6 +101,7 @@ pub mod error;
 mod gfn_index;
 #[allow(dead_code)]
 mod hva_tree;
+mod id_map;
 pub mod lookup;
 mod membarrier;
 pub mod metadata;

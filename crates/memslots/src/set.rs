@@ -10,8 +10,8 @@
 //! search of the base gfns and one load of the slot; the id and hva queries
 //! scan the (at most [`SMALL_MAX`]) slots. Above [`SMALL_MAX`] slots a set
 //! switches to the indexed layout: the gfn index (`gfn_index.rs`, 32-entry
-//! blocks), the hva tree (`hva_tree.rs`) and an id hash map, `O(log n)` for
-//! everything and ~130 bytes per slot and set. It switches back when it
+//! blocks), the hva tree (`hva_tree.rs`) and an id map (`id_map.rs`), `O(log n)` for
+//! everything and ~70–95 bytes per slot and set. It switches back when it
 //! shrinks to [`SMALL_MAX`]` / 2` slots (the gap keeps a VM creating and
 //! deleting one slot at the boundary from rebuilding every time); each
 //! switch is an `O(n)` rebuild, paid at most once per `SMALL_MAX / 2`
@@ -19,13 +19,13 @@
 
 use crate::gfn_index::GfnIndex;
 use crate::hva_tree::HvaTree;
+use crate::id_map::IdMap;
 use crate::slot::MemorySlot;
 use crate::sync::{AtomicPtr, Ordering};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
-use hashbrown::HashMap;
 
 /// Largest set kept in the small layout.
 pub(crate) const SMALL_MAX: usize = 32;
@@ -65,7 +65,7 @@ struct Small<D> {
 /// O(log n) search with a cache miss per level on every update). An hva
 /// lookup pays one id-map probe per hit instead.
 struct Large<D> {
-    by_id: HashMap<u16, Arc<MemorySlot<D>>>,
+    by_id: IdMap<Arc<MemorySlot<D>>>,
     by_gfn: GfnIndex<GfnEntry<D>>,
     by_hva: HvaTree<u16>,
 }
@@ -179,7 +179,7 @@ impl<D> Large<D> {
     }
 
     fn new() -> Self {
-        Large { by_id: HashMap::new(), by_gfn: GfnIndex::new(), by_hva: HvaTree::new() }
+        Large { by_id: IdMap::new(), by_gfn: GfnIndex::new(), by_hva: HvaTree::new() }
     }
 
     fn insert(&mut self, new: &Arc<MemorySlot<D>>) {
@@ -190,13 +190,8 @@ impl<D> Large<D> {
     }
 
     fn remove(&mut self, old: &Arc<MemorySlot<D>>) {
-        let removed = self.by_id.remove(&old.id);
+        let removed = self.by_id.remove(old.id);
         debug_assert!(removed.is_some_and(|r| Arc::ptr_eq(&r, old)));
-        // Memory proportional to the slots in use: hash tables never
-        // shrink by themselves (amortised O(1): shrinking halves at least).
-        if self.by_id.len() < self.by_id.capacity() / 4 {
-            self.by_id.shrink_to(self.by_id.len() * 2);
-        }
         let found = self.by_hva.remove(old.userspace_addr, old.hva_last(), old.id);
         debug_assert!(found);
         let removed = self.by_gfn.remove(old.base_gfn);
@@ -204,10 +199,7 @@ impl<D> Large<D> {
     }
 
     fn heap_bytes(&self) -> usize {
-        core::mem::size_of::<Self>()
-            + self.by_id.allocation_size()
-            + self.by_gfn.heap_bytes()
-            + self.by_hva.heap_bytes()
+        core::mem::size_of::<Self>() + self.by_id.heap_bytes() + self.by_gfn.heap_bytes() + self.by_hva.heap_bytes()
     }
 }
 
@@ -260,7 +252,7 @@ impl<D> MemslotSet<D> {
                         // The hva entry (an id) stays as it is, the id entry is
                         // updated in place, and the gfn entry too when the base
                         // gfn stays.
-                        if let Some(slot) = l.by_id.get_mut(&old.id) {
+                        if let Some(slot) = l.by_id.get_mut(old.id) {
                             debug_assert!(Arc::ptr_eq(slot, old));
                             *slot = Arc::clone(new);
                         }
@@ -311,7 +303,6 @@ impl<D> MemslotSet<D> {
     fn switch_to_indexed(&mut self) {
         let Layout::Small(s) = &mut self.layout else { return };
         let mut l = Box::new(Large::new());
-        l.by_id.reserve(s.slots.len() + 1);
         for slot in &s.slots {
             l.insert(slot);
         }
@@ -326,7 +317,7 @@ impl<D> MemslotSet<D> {
         for (base, e) in l.by_gfn.iter_from_floor(0) {
             // SAFETY: the entry points to a slot owned by `by_id` (invariant).
             let id = unsafe { e.slot.as_ref() }.id;
-            if let Some(slot) = l.by_id.get(&id) {
+            if let Some(slot) = l.by_id.get(id) {
                 s.keys.push(base);
                 s.slots.push(Arc::clone(slot));
             }
@@ -340,7 +331,7 @@ impl<D> MemslotSet<D> {
     pub(crate) fn id_to_memslot(&self, id: u16) -> Option<&Arc<MemorySlot<D>>> {
         match &self.layout {
             Layout::Small(s) => s.slots.iter().find(|s| s.id == id),
-            Layout::Large(l) => l.by_id.get(&id),
+            Layout::Large(l) => l.by_id.get(id),
         }
     }
 
@@ -410,7 +401,7 @@ impl<D> MemslotSet<D> {
         }
     }
 
-    /// All slots (unordered).
+    /// All slots (in id order in the indexed layout, in gfn order in the small one).
     pub(crate) fn slots_by_id(&self) -> SlotsIter<'_, D> {
         match &self.layout {
             Layout::Small(s) => SlotsIter::Small(s.slots.iter()),
@@ -468,7 +459,7 @@ pub(crate) enum HvaOverlaps<'a, D> {
     },
     Large {
         tree: crate::hva_tree::Overlaps<'a, u16>,
-        by_id: &'a HashMap<u16, Arc<MemorySlot<D>>>,
+        by_id: &'a IdMap<Arc<MemorySlot<D>>>,
     },
 }
 
@@ -492,7 +483,7 @@ impl<'a, D> Iterator for HvaOverlaps<'a, D> {
             // Every id in the tree is in `by_id` (invariant), so nothing is skipped.
             HvaOverlaps::Large { tree, by_id } => loop {
                 let (_, _, id) = tree.next()?;
-                if let Some(s) = by_id.get(&id) {
+                if let Some(s) = by_id.get(id) {
                     return Some(&**s);
                 }
             },
@@ -503,7 +494,7 @@ impl<'a, D> Iterator for HvaOverlaps<'a, D> {
 /// Iterator over a set's slots.
 pub(crate) enum SlotsIter<'a, D> {
     Small(core::slice::Iter<'a, Arc<MemorySlot<D>>>),
-    Large(hashbrown::hash_map::Values<'a, u16, Arc<MemorySlot<D>>>),
+    Large(crate::id_map::Values<'a, Arc<MemorySlot<D>>>),
 }
 
 impl<'a, D> Iterator for SlotsIter<'a, D> {
