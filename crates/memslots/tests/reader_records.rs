@@ -3,6 +3,10 @@
 //! the library's own one-call sections), registered on first use, removed
 //! when the thread exits, never shared between threads, and never freed
 //! while a section is open on them.
+//!
+//! Per-thread records exist only with the `std` feature (without it every
+//! anonymous lookup uses the VM-wide record).
+#![cfg(feature = "std")]
 
 /// Records a thread registers per VM.
 const PER_THREAD: usize = 2;
