@@ -432,6 +432,20 @@ impl<E: Copy> GfnIndex<E> {
     }
 
     /// Heap bytes held (capacities).
+    /// The first key of every block, in order (for [`prefetch_block`](Self::prefetch_block)).
+    pub(crate) fn firsts(&self) -> &[u64] {
+        &self.firsts
+    }
+
+    /// Prefetches block `count - 1` (`count` from a search of
+    /// [`firsts`](Self::firsts)); nothing if there is none.
+    pub(crate) fn prefetch_block(&self, count: usize) {
+        if let Some(block) = count.checked_sub(1).and_then(|b| self.blocks.get(b)) {
+            let p: *const Block<E> = &**block;
+            crate::prefetch::prefetch(p.cast(), core::mem::size_of::<Block<E>>());
+        }
+    }
+
     pub(crate) fn heap_bytes(&self) -> usize {
         let top = self.firsts.capacity() * core::mem::size_of::<u64>()
             + self.blocks.capacity() * core::mem::size_of::<Box<Block<E>>>();

@@ -424,6 +424,22 @@ impl<V: Copy + Ord> HvaTree<V> {
         block
     }
 
+    /// The first start of every block, in order (for [`prefetch_block`](Self::prefetch_block)).
+    pub(crate) fn firsts(&self) -> &[u64] {
+        &self.firsts
+    }
+
+    /// Prefetches block `count - 1` (`count` from a search of
+    /// [`firsts`](Self::firsts)) and its `max_lasts` entry; nothing if there
+    /// is none.
+    pub(crate) fn prefetch_block(&self, count: usize) {
+        if let Some(b) = count.checked_sub(1).filter(|&b| b < self.blocks.len()) {
+            let p: *const Block<V> = &*self.blocks[b];
+            crate::prefetch::prefetch(p.cast(), core::mem::size_of::<Block<V>>());
+            crate::prefetch::prefetch(self.max_lasts.as_ptr().wrapping_add(b).cast(), 8);
+        }
+    }
+
     /// Calls `f(start, last, value)` for every entry intersecting `[start, last]`
     /// (inclusive both), in ascending `(start, last, value)` order.
     ///

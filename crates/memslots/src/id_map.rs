@@ -103,6 +103,14 @@ impl<V> IdMap<V> {
         Some(old)
     }
 
+    /// Prefetches the entry of `id` (its chunk pointer is loaded).
+    pub(crate) fn prefetch(&self, id: u16) {
+        let (c, i) = Self::split(id);
+        if let Some(Some(chunk)) = self.chunks.get(c) {
+            crate::prefetch::prefetch(core::ptr::from_ref(&chunk.entries[i]).cast(), 8);
+        }
+    }
+
     /// The values, in id order.
     pub(crate) fn values(&self) -> Values<'_, V> {
         Values { chunks: self.chunks.iter(), entries: [].iter() }

@@ -105,6 +105,7 @@ mod id_map;
 pub mod lookup;
 mod membarrier;
 pub mod metadata;
+mod prefetch;
 pub mod region;
 #[cfg_attr(loom, allow(dead_code))]
 pub mod ring;

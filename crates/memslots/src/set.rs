@@ -299,6 +299,25 @@ impl<D> MemslotSet<D> {
         }
     }
 
+    /// Before `old` is replaced or removed in both sets `[active, inactive]`:
+    /// brings into the cache, all at once, the lines of both sets' indexes
+    /// the change will touch, so that the change's steps, which grace
+    /// periods keep from overlapping, find them there (`prefetch.rs`).
+    /// Reads only; nothing for the small layout (a few lines, warm).
+    pub(crate) fn prefetch_change(sets: [&Self; 2], old: &MemorySlot<D>) {
+        let (Layout::Large(a), Layout::Large(b)) = (&sets[0].layout, &sets[1].layout) else {
+            return;
+        };
+        let (gfn, hva) = (old.base_gfn, old.userspace_addr);
+        let tops = [a.by_gfn.firsts(), b.by_gfn.firsts(), a.by_hva.firsts(), b.by_hva.firsts()];
+        let [ga, gb, ha, hb] = crate::prefetch::floor_many(tops, [gfn, gfn, hva, hva]);
+        a.by_gfn.prefetch_block(ga);
+        b.by_gfn.prefetch_block(gb);
+        a.by_hva.prefetch_block(ha);
+        b.by_hva.prefetch_block(hb);
+        b.by_id.prefetch(old.id);
+    }
+
     /// Rebuilds a small set in the indexed layout.
     fn switch_to_indexed(&mut self) {
         let Layout::Small(s) = &mut self.layout else { return };

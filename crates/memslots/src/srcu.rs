@@ -665,6 +665,17 @@ impl<T> TwoSets<T> {
         self.cells[idx].with(|p| f(unsafe { &*p }))
     }
 
+    /// Runs `f` on `[active, inactive]` from the writer (shared access only).
+    ///
+    /// # Safety
+    /// The caller holds the writer lock (so neither set changes while `f` runs).
+    pub(crate) unsafe fn with_both_writer<R>(&self, f: impl FnOnce([&T; 2]) -> R) -> R {
+        let idx = self.active.load(Ordering::Relaxed);
+        // SAFETY: only the writer mutates a set, and it is running `f`, which
+        // gets shared references only.
+        self.cells[idx].with(|a| self.cells[idx ^ 1].with(|b| f(unsafe { [&*a, &*b] })))
+    }
+
     /// KVM's `kvm_swap_active_memslots`: mark the generation in progress,
     /// publish the inactive set, wait for every reader of the old one, then
     /// set the final generation. Returns the new generation.

@@ -393,6 +393,9 @@ impl<H: ArchHooks> Vm<H> {
         // mappings of the old range, then flush what exists.
         let invalid = match (&old, change) {
             (Some(old), MemoryChange::Delete | MemoryChange::Move) => {
+                let space = &self.spaces[usize::from(as_id)];
+                // SAFETY: we hold the writer lock.
+                unsafe { space.with_both_writer(|sets| crate::set::MemslotSet::prefetch_change(sets, old)) };
                 let mut desc = old.desc;
                 desc.flags |= KVM_MEMSLOT_INVALID;
                 let inv = Arc::new(MemorySlot { desc, dirty_bitmap: old.dirty_bitmap.clone(), arch: old.arch.clone() });
