@@ -103,11 +103,13 @@ impl<V> IdMap<V> {
         Some(old)
     }
 
-    /// Prefetches the entry of `id` (its chunk pointer is loaded).
+    /// Prefetches the entry of `id` and its chunk's count (its chunk
+    /// pointer is loaded).
     pub(crate) fn prefetch(&self, id: u16) {
         let (c, i) = Self::split(id);
         if let Some(Some(chunk)) = self.chunks.get(c) {
             crate::prefetch::prefetch(core::ptr::from_ref(&chunk.entries[i]).cast(), 8);
+            crate::prefetch::prefetch(core::ptr::from_ref(&chunk.len).cast(), 8);
         }
     }
 

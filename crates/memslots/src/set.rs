@@ -299,23 +299,33 @@ impl<D> MemslotSet<D> {
         }
     }
 
-    /// Before `old` is replaced or removed in both sets `[active, inactive]`:
+    /// Before slot `id` (at `gfn` and `hva`) is replaced or removed in both
+    /// sets `[active, inactive]`:
     /// brings into the cache, all at once, the lines of both sets' indexes
     /// the change will touch, so that the change's steps, which grace
     /// periods keep from overlapping, find them there (`prefetch.rs`).
     /// Reads only; nothing for the small layout (a few lines, warm).
-    pub(crate) fn prefetch_change(sets: [&Self; 2], old: &MemorySlot<D>) {
+    pub(crate) fn prefetch_change(sets: [&Self; 2], id: u16, gfn: u64, hva: u64) {
         let (Layout::Large(a), Layout::Large(b)) = (&sets[0].layout, &sets[1].layout) else {
             return;
         };
-        let (gfn, hva) = (old.base_gfn, old.userspace_addr);
+        // Short chains first, so they are under way while the searches run:
+        // both id-map entries, the slot the active one points to, both sets'
+        // headers.
+        a.by_id.prefetch(id);
+        b.by_id.prefetch(id);
+        if let Some(slot) = a.by_id.get(id) {
+            crate::prefetch::prefetch(Arc::as_ptr(slot).cast(), 64);
+        }
+        for l in [a, b] {
+            crate::prefetch::prefetch(core::ptr::from_ref::<Large<D>>(l).cast(), core::mem::size_of::<Large<D>>());
+        }
         let tops = [a.by_gfn.firsts(), b.by_gfn.firsts(), a.by_hva.firsts(), b.by_hva.firsts()];
         let [ga, gb, ha, hb] = crate::prefetch::floor_many(tops, [gfn, gfn, hva, hva]);
         a.by_gfn.prefetch_block(ga);
         b.by_gfn.prefetch_block(gb);
         a.by_hva.prefetch_block(ha);
         b.by_hva.prefetch_block(hb);
-        b.by_id.prefetch(old.id);
     }
 
     /// Rebuilds a small set in the indexed layout.

@@ -174,6 +174,14 @@ impl<H: ArchHooks> Vm<H> {
         }
 
         let space = &self.spaces[usize::from(as_id)];
+        // A VMM deleting a slot usually passes the slot's addresses: start
+        // bringing in what the delete will touch while the slot itself is
+        // looked up (a guess, checked below).
+        let guess = (size == 0).then_some((mem.guest_phys_addr >> PAGE_SHIFT, hva));
+        if let Some((gfn, hva)) = guess {
+            // SAFETY: we hold the writer lock.
+            unsafe { space.with_both_writer(|sets| crate::set::MemslotSet::prefetch_change(sets, id, gfn, hva)) };
+        }
         // SAFETY: we hold the writer lock.
         let old: Option<Arc<Slot<H>>> = unsafe { space.with_active_writer(|set| set.id_to_memslot(id).cloned()) };
 
@@ -182,7 +190,8 @@ impl<H: ArchHooks> Vm<H> {
                 return Err(Error::DeleteNonexistent { slot: mem.slot });
             };
             let binding = old.guest_memfd;
-            self.set_memslot(w, as_id, Some(old), None, MemoryChange::Delete)?;
+            let prefetched = guess == Some((old.base_gfn, old.userspace_addr));
+            self.set_memslot(w, as_id, Some(old), None, MemoryChange::Delete, prefetched)?;
             // kvm_gmem_unbind.
             if let Some(b) = binding {
                 w.gmem_bound.remove(&(b.fd, b.offset));
@@ -246,7 +255,7 @@ impl<H: ArchHooks> Vm<H> {
             as_id,
             guest_memfd: gmem.then_some(GuestMemfd { fd: mem.guest_memfd, offset: mem.guest_memfd_offset }),
         };
-        self.set_memslot(w, as_id, old, Some(desc), change)?;
+        self.set_memslot(w, as_id, old, Some(desc), change, false)?;
         if gmem && change == MemoryChange::Create {
             let (fd, offset) = (mem.guest_memfd, mem.guest_memfd_offset);
             w.gmem_bound.insert((fd, offset), (offset + size, mem.slot));
@@ -380,7 +389,8 @@ impl<H: ArchHooks> Vm<H> {
         Ok(bitmap)
     }
 
-    /// `kvm_set_memslot`: the update protocol.
+    /// `kvm_set_memslot`: the update protocol. `prefetched`: the caller
+    /// already prefetched what changing `old` touches (`prefetch.rs`).
     fn set_memslot(
         &self,
         w: &mut WriterState,
@@ -388,14 +398,20 @@ impl<H: ArchHooks> Vm<H> {
         old: Option<Arc<Slot<H>>>,
         new: Option<SlotDesc>,
         change: MemoryChange,
+        prefetched: bool,
     ) -> Result<(), Error> {
         // DELETE and MOVE: publish an INVALID copy first so no vCPU creates new
         // mappings of the old range, then flush what exists.
         let invalid = match (&old, change) {
             (Some(old), MemoryChange::Delete | MemoryChange::Move) => {
-                let space = &self.spaces[usize::from(as_id)];
-                // SAFETY: we hold the writer lock.
-                unsafe { space.with_both_writer(|sets| crate::set::MemslotSet::prefetch_change(sets, old)) };
+                if !prefetched {
+                    let space = &self.spaces[usize::from(as_id)];
+                    let (id, gfn, hva) = (old.id, old.base_gfn, old.userspace_addr);
+                    // SAFETY: we hold the writer lock.
+                    unsafe {
+                        space.with_both_writer(|sets| crate::set::MemslotSet::prefetch_change(sets, id, gfn, hva))
+                    };
+                }
                 let mut desc = old.desc;
                 desc.flags |= KVM_MEMSLOT_INVALID;
                 let inv = Arc::new(MemorySlot { desc, dirty_bitmap: old.dirty_bitmap.clone(), arch: old.arch.clone() });
