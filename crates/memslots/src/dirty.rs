@@ -468,7 +468,7 @@ mod loom_tests {
 
     fn model(how: Harvest) {
         loom::model(move || {
-            let srcu = Arc::new(Srcu::new(false));
+            let srcu = Arc::new(Srcu::new(false, 1));
             let bitmap = Arc::new(DirtyBitmap::try_new(128, false).unwrap());
             let page = Arc::new(AtomicU64::new(0));
             bitmap.mark(70); // dirty before the round

@@ -98,6 +98,7 @@ pub mod dirty;
 pub mod dirty_log;
 pub mod errno;
 pub mod error;
+mod flat;
 mod gfn_index;
 #[allow(dead_code)]
 mod hva_tree;

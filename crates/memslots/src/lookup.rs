@@ -7,6 +7,7 @@
 
 use crate::arch::ArchHooks;
 use crate::error::HvaError;
+use crate::flat::Translation;
 use crate::set::MemslotSet;
 use crate::slot::MemorySlot;
 use crate::srcu::{ReaderRecord, SrcuGuard};
@@ -129,20 +130,45 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     /// KVM's `gfn_to_hva_prot`: the host address of `gfn` for a read and
     /// whether the slot is writable.
     pub fn gfn_to_hva_prot(&self, as_id: u16, gfn: u64) -> Result<(u64, bool), HvaError> {
-        let set = self.set(as_id).ok_or(HvaError::NoSlot)?;
-        let (base, e) = set.search(gfn).ok_or(HvaError::NoSlot)?;
-        let hva = entry_to_hva(base, e.hva, e.flags, gfn, false)?;
-        Ok((hva, e.flags & KVM_MEM_READONLY == 0))
+        let (hva, _, flags) = self.translate(as_id, gfn, false)?;
+        Ok((hva, flags & KVM_MEM_READONLY == 0))
     }
 
     /// KVM's `gfn_to_hva_many`: the host address and how many pages from
     /// `gfn` to the end of its slot are contiguous.
     #[inline(always)]
     pub fn gfn_to_hva_many(&self, as_id: u16, gfn: u64, write: bool) -> Result<(u64, u64), HvaError> {
-        let set = self.set(as_id).ok_or(HvaError::NoSlot)?;
+        self.translate(as_id, gfn, write).map(|(hva, n, _)| (hva, n))
+    }
+
+    /// A translation: from the thread's flat table if it is current
+    /// (`flat.rs`), else from the active set.
+    #[inline(always)]
+    fn translate(&self, as_id: u16, gfn: u64, write: bool) -> Translation {
+        match self.vm.flat_translate(as_id, gfn, write) {
+            Some(t) => t,
+            None => self.translate_refreshing(as_id, gfn, write),
+        }
+    }
+
+    /// A translation from the active set, refreshing the thread's flat table
+    /// on the way (`flat.rs`, "Miss").
+    #[inline(never)]
+    fn translate_refreshing(&self, as_id: u16, gfn: u64, write: bool) -> Translation {
+        let i = usize::from(as_id);
+        let space = self.vm.spaces.get(i).ok_or(HvaError::NoSlot)?;
+        // The generation after entering the section (when the guard was
+        // made) and before the set.
+        let gen = space.generation();
+        let set = space.active(&self.guard);
+        if let Some(holder) = self.vm.srcu.thread_tables().and_then(|t| t.get(i)) {
+            if let Some(found) = holder.refresh(&self.vm.flat[i], &self.guard, set, gen, gfn) {
+                return crate::flat::translate(found, gfn, write);
+            }
+        }
         let (base, e) = set.search(gfn).ok_or(HvaError::NoSlot)?;
         let hva = entry_to_hva(base, e.hva, e.flags, gfn, write)?;
-        Ok((hva, e.npages - (gfn - base)))
+        Ok((hva, e.npages - (gfn - base), e.flags))
     }
 
     /// Every slot of `as_id` intersecting gfns `[start, end)`, in gfn order,
@@ -253,21 +279,55 @@ impl<H: ArchHooks> Vm<H> {
         Reader { vm: self, record: self.srcu.register() }
     }
 
-    /// [`ReadGuard::gfn_to_hva`] in a section of its own.
-    ///
-    /// Always inlined, with the section entry under it: left as a call in a
-    /// user's crate (the default release profile did), each lookup paid the
-    /// call's register saves, and the section's locked increment waits for
-    /// those stores to drain (measured from the bench crate: 10.9 -> 7.3 ns
-    /// at 1 slot, 12.0 -> 8.3 ns at 16).
+    /// The translation of `gfn` from the calling thread's flat table of
+    /// `as_id`, if it is current (`flat.rs`); `None`: take a section.
     #[inline(always)]
-    pub fn gfn_to_hva(&self, as_id: u16, gfn: u64) -> Result<u64, HvaError> {
-        ReadGuard::one_call(self).gfn_to_hva(as_id, gfn)
+    pub(crate) fn flat_translate(&self, as_id: u16, gfn: u64, write: bool) -> Option<Translation> {
+        let i = usize::from(as_id);
+        let holder = self.srcu.thread_tables()?.get(i)?;
+        holder.translate(self.spaces.get(i)?.generation(), gfn, write)
     }
 
-    /// [`ReadGuard::gfn_to_hva_prot`] in a section of its own.
+    /// A translation in a section of its own (the thread's flat table was
+    /// not current).
+    #[inline(never)]
+    fn translate_in_section(&self, as_id: u16, gfn: u64, write: bool) -> Translation {
+        ReadGuard::one_call(self).translate_refreshing(as_id, gfn, write)
+    }
+
+    /// A translation without a guard: the thread's flat table, else a section.
+    #[inline(always)]
+    fn translate_anonymous(&self, as_id: u16, gfn: u64, write: bool) -> Translation {
+        match self.flat_translate(as_id, gfn, write) {
+            Some(t) => t,
+            None => self.translate_in_section(as_id, gfn, write),
+        }
+    }
+
+    /// [`ReadGuard::gfn_to_hva`] without a guard to hold.
+    ///
+    /// With `std`, the calling thread's flat copy of the address space's
+    /// translations answers while no update has published since it was
+    /// made: a generation load and a search, no read section (`flat.rs`);
+    /// otherwise a section of its own. Always inlined: left as a call in a
+    /// user's crate (the default release profile did), each lookup paid the
+    /// call's register saves.
+    #[inline(always)]
+    pub fn gfn_to_hva(&self, as_id: u16, gfn: u64) -> Result<u64, HvaError> {
+        self.translate_anonymous(as_id, gfn, true).map(|(hva, _, _)| hva)
+    }
+
+    /// [`ReadGuard::gfn_to_hva_prot`] without a guard to hold (as
+    /// [`gfn_to_hva`](Self::gfn_to_hva)).
     pub fn gfn_to_hva_prot(&self, as_id: u16, gfn: u64) -> Result<(u64, bool), HvaError> {
-        ReadGuard::one_call(self).gfn_to_hva_prot(as_id, gfn)
+        let (hva, _, flags) = self.translate_anonymous(as_id, gfn, false)?;
+        Ok((hva, flags & KVM_MEM_READONLY == 0))
+    }
+
+    /// [`ReadGuard::gfn_to_hva_many`] without a guard to hold (as
+    /// [`gfn_to_hva`](Self::gfn_to_hva)).
+    pub fn gfn_to_hva_many(&self, as_id: u16, gfn: u64, write: bool) -> Result<(u64, u64), HvaError> {
+        self.translate_anonymous(as_id, gfn, write).map(|(hva, n, _)| (hva, n))
     }
 
     /// The description of the slot covering `gfn` (a copy, usable after the section).

@@ -92,6 +92,10 @@ pub(crate) struct Srcu {
     /// keys the per-thread records.
     #[cfg_attr(not(all(feature = "std", not(loom))), allow(dead_code))]
     id: u64,
+    /// Address spaces of the VM: each thread's per-VM state holds one flat
+    /// table [`Holder`](crate::flat::Holder) per address space.
+    #[cfg_attr(not(all(feature = "std", not(loom))), allow(dead_code))]
+    spaces: usize,
 }
 
 /// Source of [`Srcu::id`].
@@ -202,7 +206,9 @@ mod section_check {
 #[cfg(all(feature = "std", not(loom)))]
 mod per_thread {
     use super::{ReaderRecord, Registry, Srcu};
+    use crate::flat::Holder;
     use crate::sync::{lock, Arc, Ordering};
+    use alloc::boxed::Box;
     use alloc::sync::Weak;
     use core::cell::{Cell, RefCell};
     use std::vec::Vec;
@@ -216,6 +222,9 @@ mod per_thread {
         shared: Arc<ReaderRecord>,
         exclusive: Arc<ReaderRecord>,
         registry: Weak<Registry>,
+        /// The thread's flat tables of the domain's VM, one per address
+        /// space (boxed: the address stays put when `ENTRIES` grows).
+        tables: Box<[Holder]>,
     }
 
     impl Drop for Entry {
@@ -236,12 +245,14 @@ mod per_thread {
         }
     }
 
-    const EMPTY: (u64, *const ReaderRecord, *const ReaderRecord) = (0, core::ptr::null(), core::ptr::null());
+    /// (domain id, records, flat tables).
+    type Last = (u64, *const ReaderRecord, *const ReaderRecord, *const Holder);
+    const EMPTY: Last = (0, core::ptr::null(), core::ptr::null(), core::ptr::null());
 
     std::thread_local! {
-        /// (domain id, records) of the last anonymous lookup; domain 0 is
-        /// no domain.
-        static LAST: Cell<(u64, *const ReaderRecord, *const ReaderRecord)> = const { Cell::new(EMPTY) };
+        /// (domain id, records, flat tables) of the last anonymous lookup;
+        /// domain 0 is no domain.
+        static LAST: Cell<Last> = const { Cell::new(EMPTY) };
         static ENTRIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
     }
 
@@ -249,7 +260,7 @@ mod per_thread {
     /// while the thread's locals are being destroyed.
     #[inline]
     pub(super) fn records(srcu: &Srcu) -> Option<Records<'_>> {
-        let (domain, shared, exclusive) = LAST.try_with(Cell::get).ok()?;
+        let (domain, shared, exclusive, _) = LAST.try_with(Cell::get).ok()?;
         if domain == srcu.id {
             // SAFETY: `LAST` holds the records of an entry of `ENTRIES` of
             // this thread for domain `domain` (an entry empties it before it
@@ -258,31 +269,50 @@ mod per_thread {
             // module docs).
             return Some(unsafe { (&*shared, &*exclusive) });
         }
-        slow(srcu)
+        slow(srcu).map(|(r, _)| r)
+    }
+
+    /// This thread's flat tables of `srcu`'s VM, one per address space,
+    /// registering the thread's state if needed; `None` while the thread's
+    /// locals are being destroyed.
+    #[inline(always)]
+    pub(super) fn tables(srcu: &Srcu) -> Option<&[Holder]> {
+        let (domain, _, _, tables) = LAST.try_with(Cell::get).ok()?;
+        if domain == srcu.id {
+            // SAFETY: as in `records`: the tables of an entry of `ENTRIES`
+            // of this thread (boxed, `srcu.spaces` long), which empties
+            // `LAST` before it drops them; the entry outlives this borrow of
+            // `srcu` (module docs). `Holder` is not `Sync` and the borrow
+            // cannot leave this thread (`&[Holder]` is not `Send`).
+            return Some(unsafe { core::slice::from_raw_parts(tables, srcu.spaces) });
+        }
+        slow(srcu).map(|(_, t)| t)
     }
 
     #[cold]
-    fn slow(srcu: &Srcu) -> Option<Records<'_>> {
-        let (shared, exclusive) = ENTRIES
+    fn slow(srcu: &Srcu) -> Option<(Records<'_>, &[Holder])> {
+        let (shared, exclusive, tables) = ENTRIES
             .try_with(|entries| {
                 let mut entries = entries.try_borrow_mut().ok()?;
                 if let Some(e) = entries.iter().find(|e| e.domain == srcu.id) {
-                    return Some((Arc::as_ptr(&e.shared), Arc::as_ptr(&e.exclusive)));
+                    return Some((Arc::as_ptr(&e.shared), Arc::as_ptr(&e.exclusive), e.tables.as_ptr()));
                 }
                 // Entries of domains that no longer exist go first (dropping
                 // one frees its records): memory stays proportional to the
                 // domains this thread still uses.
                 entries.retain(|e| e.registry.strong_count() > 0);
                 let (shared, exclusive) = (srcu.register(), srcu.register());
-                let p = (Arc::as_ptr(&shared), Arc::as_ptr(&exclusive));
-                entries.push(Entry { domain: srcu.id, shared, exclusive, registry: Arc::downgrade(&srcu.registry) });
+                let tables: Box<[Holder]> = (0..srcu.spaces).map(|_| Holder::default()).collect();
+                let p = (Arc::as_ptr(&shared), Arc::as_ptr(&exclusive), tables.as_ptr());
+                let registry = Arc::downgrade(&srcu.registry);
+                entries.push(Entry { domain: srcu.id, shared, exclusive, registry, tables });
                 Some(p)
             })
             .ok()??;
-        LAST.try_with(|l| l.set((srcu.id, shared, exclusive))).ok()?;
-        // SAFETY: as in `records`: the entry just found or made holds these
-        // records of `srcu`'s registry.
-        Some(unsafe { (&*shared, &*exclusive) })
+        LAST.try_with(|l| l.set((srcu.id, shared, exclusive, tables))).ok()?;
+        // SAFETY: as in `records` and `tables`: the entry just found or made
+        // holds these records of `srcu`'s registry and these tables.
+        Some(unsafe { ((&*shared, &*exclusive), core::slice::from_raw_parts(tables, srcu.spaces)) })
     }
 }
 
@@ -295,8 +325,8 @@ impl core::fmt::Debug for Srcu {
 impl Srcu {
     /// A domain; with `asymmetric`, its exclusive records may be armed if
     /// `membarrier(2)` can be registered (`membarrier.rs`).
-    pub(crate) fn new(asymmetric: bool) -> Self {
-        Self::with_capability(asymmetric && crate::membarrier::register())
+    pub(crate) fn new(asymmetric: bool, spaces: usize) -> Self {
+        Self { spaces, ..Self::with_capability(asymmetric && crate::membarrier::register()) }
     }
 
     /// Loom: a domain whose exclusive records arm at their first section,
@@ -315,6 +345,7 @@ impl Srcu {
             shared: ReaderRecord::new(),
             registry: Arc::new(Mutex::new(Vec::new())),
             id: NEXT_DOMAIN.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
+            spaces: 1,
         }
     }
 
@@ -349,6 +380,17 @@ impl Srcu {
             return unsafe { self.read_lock_exclusive(r) };
         }
         self.read_lock(&self.shared)
+    }
+
+    /// The calling thread's flat tables of this domain's VM, one per address
+    /// space (with `std`; `None` without it, under loom, or while the
+    /// thread's locals are being destroyed).
+    #[inline(always)]
+    pub(crate) fn thread_tables(&self) -> Option<&[crate::flat::Holder]> {
+        #[cfg(all(feature = "std", not(loom)))]
+        return per_thread::tables(self);
+        #[cfg(not(all(feature = "std", not(loom))))]
+        None
     }
 
     /// Registers a reader record of its own for a long-lived reader.
@@ -750,7 +792,7 @@ mod loom_tests {
     /// writer before it changes anything once one needed it.
     fn run(readers: usize, updates: u64, all_own: bool, armable: bool) {
         loom::model(move || {
-            let srcu = Arc::new(if armable { Srcu::new_armable() } else { Srcu::new(false) });
+            let srcu = Arc::new(if armable { Srcu::new_armable() } else { Srcu::new(false, 1) });
             let sets = Arc::new(TwoSets::new(Set { a: 0, b: 0 }, Set { a: 0, b: 0 }, 0, 1));
             let writer_lock = Arc::new(Mutex::new(()));
             let mut handles = Vec::new();

@@ -56,6 +56,9 @@ pub struct Vcpu<'a, H: ArchHooks> {
     record: Arc<ReaderRecord>,
     as_id: u16,
     cache: Cell<Cache<H::SlotData>>,
+    /// The vCPU's flat table of its address space (`flat.rs`): answers a
+    /// cache miss without a read section.
+    table: crate::flat::Holder,
     id: u32,
     pub(crate) ring: Option<alloc::sync::Arc<crate::ring::DirtyRing>>,
     /// For an owned handle ([`Vm::vcpu_owned`]): the VM `vm` points into,
@@ -98,6 +101,7 @@ impl<H: ArchHooks> Vm<H> {
             record: self.srcu.register(),
             as_id: 0,
             cache: Cell::new(Cache::EMPTY),
+            table: crate::flat::Holder::default(),
             id,
             ring,
             _owner: None,
@@ -165,6 +169,7 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
         }
         self.as_id = as_id;
         self.space = &self.vm.spaces[usize::from(as_id)];
+        self.table.clear();
         Ok(())
     }
 
@@ -202,19 +207,61 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
         if gfn.wrapping_sub(c.base_gfn) < c.npages && self.space.generation() == c.gen {
             return entry_to_hva(c.base_gfn, c.hva, c.flags, gfn, write).map(|h| (h, c.flags));
         }
-        self.translate_slow(gfn, write)
+        self.translate_miss(gfn, write)
     }
 
-    /// The cache missed: search in a section of the vCPU's own record and
+    /// A cache miss: the vCPU's flat table, if it is of this generation
+    /// too. Out of line, so that the hit path stays small where it is inlined.
+    #[cold]
+    #[inline(never)]
+    fn translate_miss(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
+        let gen = self.space.generation();
+        match self.table.lookup(gen, gfn) {
+            Some(found) => self.fill_from_table(gen, found, gfn, write),
+            None => self.translate_slow(gfn, write),
+        }
+    }
+
+    /// Refills the cache from what the flat table found (without the slot
+    /// pointer, which the table does not have) and translates.
+    #[inline(always)]
+    fn fill_from_table(
+        &self,
+        gen: u64,
+        found: crate::flat::Found,
+        gfn: u64,
+        write: bool,
+    ) -> Result<(u64, u32), HvaError> {
+        let (base, e) = found.ok_or(HvaError::NoSlot)?;
+        // A table is never tagged with an in-progress generation.
+        self.cache.set(Cache {
+            gen,
+            base_gfn: base,
+            npages: u64::from(e.npages),
+            hva: e.hva,
+            flags: e.flags,
+            slot: None,
+        });
+        entry_to_hva(base, e.hva, e.flags, gfn, write).map(|h| (h, e.flags))
+    }
+
+    /// The cache and the flat table missed: search in a section of the
+    /// vCPU's own record, refreshing the flat table (`flat.rs`, "Miss"), and
     /// refill the cache from the index entry, without touching the slot
     /// object (in the indexed layout the entry carries what a translation
     /// needs; loading the slot too was one more cache miss per lookup at
-    /// thousands of slots) and without checking the cache again.
+    /// thousands of slots).
     #[cold]
+    #[inline(never)]
     fn translate_slow(&self, gfn: u64, write: bool) -> Result<(u64, u32), HvaError> {
         let guard = self.read();
         // The generation before the set, as in `VcpuGuard::gfn_to_memslot`.
         let gen = self.space.generation();
+        let srcu = guard.guard.srcu_guard();
+        let set = self.space.active(srcu);
+        if let Some(found) = self.table.refresh(&self.vm.flat[usize::from(self.as_id)], srcu, set, gen, gfn) {
+            return self.fill_from_table(gen, found, gfn, write);
+        }
         let c = guard.fill_entry(gen, gfn).ok_or(HvaError::NoSlot)?;
         entry_to_hva(c.base_gfn, c.hva, c.flags, gfn, write).map(|h| (h, c.flags))
     }
@@ -243,7 +290,11 @@ impl<'v, 'a, H: ArchHooks> VcpuGuard<'v, 'a, H> {
         // generation we tag with is already stale and never validates again.
         let gen = vcpu.space.generation();
         let c = vcpu.cache.get();
-        let slot = if c.hit(gen, gfn) { c.slot } else { self.fill(gen, gfn) };
+        // An entry filled from the flat table has no slot pointer.
+        let slot = match c.slot {
+            Some(p) if c.hit(gen, gfn) => Some(p),
+            _ => self.fill(gen, gfn),
+        };
         // SAFETY: the pointer comes from a cache whose generation equals the
         // active set's generation read inside this section, or from `fill`,
         // which read it from the active set: either way the slot is owned by

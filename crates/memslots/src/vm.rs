@@ -42,6 +42,8 @@ pub(crate) struct VcpuRegistry {
 pub struct Vm<H: ArchHooks = NoArch> {
     pub(crate) config: Config,
     pub(crate) spaces: Box<[TwoSets<MemslotSet<H::SlotData>>]>,
+    /// Per address space: its published flat translation table (`flat.rs`).
+    pub(crate) flat: Box<[crate::flat::Published]>,
     pub(crate) srcu: Srcu,
     pub(crate) writer: Mutex<WriterState>,
     pub(crate) hooks: H,
@@ -145,7 +147,8 @@ impl<H: ArchHooks> Vm<H> {
         Ok(Vm {
             config,
             spaces: spaces.into_boxed_slice(),
-            srcu: Srcu::new(config.asymmetric_readers),
+            flat: (0..nr).map(|_| crate::flat::Published::new()).collect(),
+            srcu: Srcu::new(config.asymmetric_readers, usize::from(config.nr_address_spaces)),
             writer: Mutex::new(WriterState::default()),
             hooks,
             total_pages: AtomicU64::new(0),
@@ -226,8 +229,8 @@ impl<H: ArchHooks> Vm<H> {
     pub fn memory_usage(&self) -> MemoryUsage {
         let _w = self.lock_writer();
         let mut u = MemoryUsage { fixed_bytes: core::mem::size_of::<Self>(), ..MemoryUsage::default() };
-        for space in self.spaces.iter() {
-            u.add(&self.space_usage_locked(space));
+        for as_id in 0..self.spaces.len() {
+            u.add(&self.space_usage_locked(as_id));
         }
         // SAFETY: we hold the writer lock.
         unsafe {
@@ -241,17 +244,21 @@ impl<H: ArchHooks> Vm<H> {
     /// bitmaps, arch data), or `None` if it does not exist. Takes the writer
     /// lock: not from a thread inside a read section.
     pub fn address_space_memory_usage(&self, as_id: u16) -> Option<MemoryUsage> {
-        let space = self.spaces.get(usize::from(as_id))?;
+        self.spaces.get(usize::from(as_id))?;
         let _w = self.lock_writer();
-        Some(self.space_usage_locked(space))
+        Some(self.space_usage_locked(usize::from(as_id)))
     }
 
-    /// The caller holds the writer lock.
-    fn space_usage_locked(&self, space: &TwoSets<MemslotSet<H::SlotData>>) -> MemoryUsage {
+    /// The caller holds the writer lock; `as_id` exists.
+    fn space_usage_locked(&self, as_id: usize) -> MemoryUsage {
+        let space = &self.spaces[as_id];
         let mut u = MemoryUsage {
-            fixed_bytes: core::mem::size_of::<TwoSets<MemslotSet<H::SlotData>>>(),
+            fixed_bytes: core::mem::size_of::<TwoSets<MemslotSet<H::SlotData>>>()
+                + core::mem::size_of::<crate::flat::Published>(),
             ..MemoryUsage::default()
         };
+        // SAFETY: the caller holds the writer lock.
+        u.index_bytes += unsafe { self.flat[as_id].bytes() };
         // SAFETY: the caller holds the writer lock; both sets are only read
         // here, and the inactive one is not being mutated by anyone else.
         unsafe {
