@@ -32,17 +32,18 @@
 //!   never built under an in-progress generation, so one built from a newer
 //!   set than its tag (a publish raced the build) never validates.
 //! * **Writer** (under the slots lock, around each publish): before the
-//!   publish it moves the published table to a pending list, and after the
-//!   grace period it frees the pending list and moves the published table
-//!   (one installed during the update by a reader of the old generation) to
-//!   the pending list again, to be freed after the *next* grace period.
-//!   Readers load the published pointer only inside sections, and every
-//!   table on the pending list was unpublished before the grace period that
-//!   frees it started, so no reader can reach a freed table. A reader that
-//!   read the old generation is inside a section the grace period waited for
-//!   (had it not been waited for, its phase re-check saw the flip and its
-//!   later generation load the in-progress value), so after the grace period
-//!   only tables of the new generation get installed.
+//!   publish it moves the published table to a pending list; after the
+//!   grace period, before it stores the final generation, it frees the
+//!   pending list and the published table (one a reader of the old
+//!   generation installed during the update). Readers load the published
+//!   pointer only inside sections and only under a final generation, never
+//!   the in-progress one. A reader that read the old generation is inside a
+//!   section the grace period waited for (had it not been waited for, its
+//!   phase re-check saw the flip, and its later generation load the
+//!   in-progress value stored before the flip); a reader that reads the new
+//!   generation does so after the writer emptied the slot. So no reader can
+//!   reach a freed table, and after an update only tables of the new
+//!   generation get installed. Loom: `loom_flat_tables_vs_move`.
 //!
 //! Threads keep their table in the per-thread state of `srcu.rs` (with
 //! `std`): the memory of a stale table a thread holds is freed at its next
@@ -52,7 +53,7 @@ use crate::error::HvaError;
 use crate::lookup::entry_to_hva;
 use crate::set::MemslotSet;
 use crate::srcu::{SrcuGuard, GEN_UPDATE_IN_PROGRESS};
-use crate::sync::{Arc, AtomicPtr, Ordering};
+use crate::sync::{Arc, AtomicPtr, Ordering, UnsafeCell};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::cell::Cell;
@@ -148,8 +149,31 @@ pub(crate) fn translate(found: Option<(u64, FlatEntry)>, gfn: u64, write: bool) 
 
 /// A published table and the link of the writer's pending list.
 struct Node {
-    table: Arc<FlatTable>,
+    /// In a cell so that loom checks every reader's access against the
+    /// writer's free (`free`).
+    table: UnsafeCell<Arc<FlatTable>>,
     next: *mut Node,
+}
+
+impl Node {
+    /// The table's bytes.
+    fn bytes(&self) -> usize {
+        // SAFETY: the table is only written by `free` (which owns the node).
+        self.table.with(|t| unsafe { (*t).bytes() })
+    }
+}
+
+/// Frees a node (and its reference on the table).
+///
+/// # Safety
+/// `p` came from `Box::into_raw` and no reader can reach it any more.
+unsafe fn free(p: *mut Node) -> *mut Node {
+    // SAFETY: the caller's contract.
+    let node = unsafe { Box::from_raw(p) };
+    // The last access to the node: under loom, a write that must follow
+    // every reader's access.
+    node.table.with_mut(|_| ());
+    node.next
 }
 
 /// One address space's published table (null: none) and the tables the
@@ -192,8 +216,11 @@ impl Published {
         // and a grace period that started later has ended; this section
         // (`_guard`) began before that grace period could end, so the node
         // is alive (module docs, "Writer").
-        let table = unsafe { &(*p).table };
-        (table.gen == gen).then(|| Arc::clone(table))
+        unsafe { &(*p).table }.with(|t| {
+            // SAFETY: as above; the table is written only when the node is freed.
+            let table = unsafe { &*t };
+            (table.gen == gen).then(|| Arc::clone(table))
+        })
     }
 
     /// Publishes `table` if nothing is published. Only inside a read section.
@@ -201,7 +228,8 @@ impl Published {
         if !self.slot.load(Ordering::Relaxed).is_null() {
             return;
         }
-        let node = Box::into_raw(Box::new(Node { table: Arc::clone(table), next: core::ptr::null_mut() }));
+        let node =
+            Box::into_raw(Box::new(Node { table: UnsafeCell::new(Arc::clone(table)), next: core::ptr::null_mut() }));
         if self.slot.compare_exchange(core::ptr::null_mut(), node, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             // SAFETY: never published: still ours alone.
             drop(unsafe { Box::from_raw(node) });
@@ -223,25 +251,35 @@ impl Published {
         self.pending.store(p, Ordering::Relaxed);
     }
 
-    /// The writer, right after a grace period: frees every pending table
-    /// (each was unpublished before the grace period started), then moves
-    /// the published one to the pending list.
+    /// The writer, right after the grace period of an update and before it
+    /// stores the update's final generation: frees every pending table (each
+    /// was unpublished before the grace period started), and the published
+    /// one (installed during the update by a reader of the old generation).
     ///
     /// # Safety
-    /// The caller holds the slots lock of the owning VM, and a grace period
-    /// of the VM's domain started after the last call to
-    /// [`unpublish`](Self::unpublish) or `after_grace_period` and has ended.
+    /// The caller holds the slots lock of the owning VM; a grace period of
+    /// the VM's domain started after the last call to
+    /// [`unpublish`](Self::unpublish) and has ended; the address space's
+    /// generation is still the update's in-progress one.
     pub(crate) unsafe fn after_grace_period(&self) {
         let mut p = self.pending.swap(core::ptr::null_mut(), Ordering::Relaxed);
         while !p.is_null() {
             // SAFETY: a pending node was unpublished before the grace period
             // that just ended started (the caller's contract), so no reader
             // can reach it any more; it was leaked from a `Box` by `install`.
-            let node = unsafe { Box::from_raw(p) };
-            p = node.next;
+            p = unsafe { free(p) };
         }
-        // SAFETY: the caller's contract (the slots lock).
-        unsafe { self.unpublish() };
+        // The published node, if any, was installed by a reader that read a
+        // final generation (`refresh` loads the slot only then): the old one,
+        // so inside a section this grace period waited for (module docs), as
+        // the new one is stored only after this returns. No reader holds it,
+        // and any later reader reads the new generation and then the slot
+        // emptied here.
+        let p = self.slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        if !p.is_null() {
+            // SAFETY: as just said, no reader can reach it; it came from `install`.
+            unsafe { free(p) };
+        }
     }
 
     /// Bytes of the published and pending tables.
@@ -255,13 +293,13 @@ impl Published {
         if !published.is_null() {
             // SAFETY: only the writer frees a published node, and the caller
             // is the writer.
-            n += unsafe { (*published).table.bytes() };
+            n += unsafe { (*published).bytes() };
         }
         let mut p = self.pending.load(Ordering::Relaxed);
         while !p.is_null() {
             // SAFETY: pending nodes are freed only by the writer (the caller).
             let node = unsafe { &*p };
-            n += node.table.bytes();
+            n += node.bytes();
             p = node.next;
         }
         n
@@ -276,8 +314,7 @@ impl Drop for Published {
             while !p.is_null() {
                 // SAFETY: every node here came from `Box::into_raw` and is
                 // reachable only from this structure.
-                let node = unsafe { Box::from_raw(p) };
-                p = node.next;
+                p = unsafe { free(p) };
             }
         }
     }
@@ -427,5 +464,46 @@ mod tests {
             assert_eq!(a, b, "gfn {gfn:#x}");
         }
         assert_eq!(FlatTable::build(&MemslotSet::<()>::new(), 0).unwrap().search(5).map(|(b, _)| b), None);
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    //! Tables built, published and taken by two vCPUs while the writer
+    //! moves their slot: no access to a node after the writer freed it (the
+    //! node's cell), no table leaked (loom's `Arc` leak check), no stale
+    //! translation after the move returned.
+    use crate::sync::{Arc, AtomicBool, Ordering};
+    use crate::{Config, HvaError, UserMemoryRegion, Vm};
+    use loom::thread;
+
+    #[test]
+    fn loom_flat_tables_vs_move() {
+        loom::model(|| {
+            let vm = Arc::new(Vm::new(Config::x86_64().with_address_spaces(1).with_user_slots(4)).unwrap());
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0, 0x10000, 0x10_0000)).unwrap();
+            let moved = Arc::new(AtomicBool::new(false));
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (vm, moved) = (Arc::clone(&vm), Arc::clone(&moved));
+                    thread::spawn(move || {
+                        let vcpu = vm.vcpu();
+                        // One miss: builds or takes a table.
+                        match vcpu.gfn_to_hva(1) {
+                            Ok(hva) => assert_eq!(hva, 0x10_1000),
+                            Err(e) => assert!(matches!(e, HvaError::NoSlot | HvaError::Invalid)),
+                        }
+                        if moved.load(Ordering::Acquire) {
+                            assert_eq!(vcpu.gfn_to_hva(0x102), Ok(0x10_2000), "stale table after the MOVE returned");
+                        }
+                    })
+                })
+                .collect();
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0x10_0000, 0x10000, 0x10_0000)).unwrap();
+            moved.store(true, Ordering::Release);
+            for r in readers {
+                r.join().unwrap();
+            }
+        });
     }
 }
