@@ -450,18 +450,20 @@ mod tests {
 
     #[test]
     fn a_table_answers_as_the_set() {
-        let vm = Vm::new(Config::default().with_address_spaces(1)).unwrap();
-        for i in 0..40u32 {
-            let gpa = u64::from(i) * 0x20_0000;
-            vm.set_user_memory_region(&UserMemoryRegion::new(i, 0, gpa, 0x1_0000, 0x1000_0000 + gpa)).unwrap();
-        }
-        let guard = vm.read();
-        let set = guard.set(0).unwrap();
-        let t = FlatTable::build(set, 0).unwrap();
-        for gfn in (0..40 * 0x200 + 5).step_by(7) {
-            let a = t.search(gfn).map(|(b, e)| (b, u64::from(e.npages), e.hva, e.flags));
-            let b = set.search(gfn).map(|(b, e)| (b, e.npages, e.hva, e.flags));
-            assert_eq!(a, b, "gfn {gfn:#x}");
+        for n in [1u32, 7, 40, 1000] {
+            let vm = Vm::new(Config::default().with_address_spaces(1)).unwrap();
+            for i in 0..n {
+                let gpa = u64::from(i) * 0x20_0000 + 0x20_0000;
+                vm.set_user_memory_region(&UserMemoryRegion::new(i, 0, gpa, 0x1_0000, 0x1000_0000 + gpa)).unwrap();
+            }
+            let guard = vm.read();
+            let set = guard.set(0).unwrap();
+            let t = FlatTable::build(set, 0).unwrap();
+            for gfn in (0..u64::from(n + 2) * 0x200).step_by(3).chain([u64::MAX, u64::MAX / 2]) {
+                let a = t.search(gfn).map(|(b, e)| (b, u64::from(e.npages), e.hva, e.flags));
+                let b = set.search(gfn).map(|(b, e)| (b, e.npages, e.hva, e.flags));
+                assert_eq!(a, b, "{n} slots, gfn {gfn:#x}");
+            }
         }
         assert_eq!(FlatTable::build(&MemslotSet::<()>::new(), 0).unwrap().search(5).map(|(b, _)| b), None);
     }
