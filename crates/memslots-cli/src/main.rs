@@ -262,6 +262,19 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| Config::max_gfn_for_phys_bits(memslots_kvm::host_phys_bits().unwrap_or(48))),
     };
     let per_page = if args.kvm { memslots_kvm::slot_metadata_bytes_per_page() } else { 0 };
+    // A trace that creates guest_memfds needs a kernel that can: probed by
+    // creating one (some hosts' kernels have no KVM_CREATE_GUEST_MEMFD at all).
+    let creates_gmem = |t: &LoadedTrace| t.ops.iter().any(|(_, op)| matches!(op, trace::Op::CreateGuestMemfd { .. }));
+    if args.kvm && traces.iter().any(creates_gmem) {
+        let mut probe = memslots_kvm::KernelVm::new().map_err(|e| anyhow!("cannot create a VM on /dev/kvm ({e})"))?;
+        if let Verdict::Err(e) = probe.apply(&trace::Op::CreateGuestMemfd { index: 0, size: 0x1000 }) {
+            let t = traces.iter().find(|t| creates_gmem(t)).map(|t| t.path.display().to_string()).unwrap_or_default();
+            bail!(
+                "{t}: creates guest_memfds, which this host's KVM cannot (KVM_CREATE_GUEST_MEMFD: {e}); \
+                 not replayed on the kernel"
+            );
+        }
+    }
     let mut plans = Vec::with_capacity(traces.len());
     for t in &traces {
         let (config, note) = library_config(args, t, kernel_config.as_ref(), max_gfn);

@@ -45,6 +45,14 @@
 //!   reach a freed table, and after an update only tables of the new
 //!   generation get installed. Loom: `loom_flat_tables_vs_move`.
 //!
+//! * **Inside a section** (`ReadGuard::gfn_to_hva_many`, which memslots-mem's
+//!   fast read path dereferences): a table answer validated by a generation
+//!   loaded inside the section describes a slot of a set active at that
+//!   moment, so the slot, and what it keeps alive, outlives the section as
+//!   with a search of the set. (A reader whose section the grace period
+//!   does not wait for saw the flip, and then loads the in-progress
+//!   generation, which validates no table.)
+//!
 //! Threads keep their table in the per-thread state of `srcu.rs` (with
 //! `std`): the memory of a stale table a thread holds is freed at its next
 //! miss on that VM, or when the thread exits. A table costs 32 bytes per slot.
@@ -128,15 +136,22 @@ fn search(keys: &[u64], ents: &[FlatEntry], gfn: u64) -> Found {
     if len == 0 {
         return None;
     }
+    if ents.len() != keys.len() {
+        return None;
+    }
     while len > 1 {
         let half = len / 2;
-        // `base + half < keys.len()`: `base + len <= keys.len()` throughout.
-        base = core::hint::select_unpredictable(keys[base + half] <= gfn, base + half, base);
+        // SAFETY: `base + len <= keys.len()` throughout and `half < len`.
+        // (Unchecked: the bounds check was two more instructions in each
+        // step of the loop, which is all a lookup is.)
+        let k = unsafe { *keys.get_unchecked(base + half) };
+        base = core::hint::select_unpredictable(k <= gfn, base + half, base);
         len -= half;
     }
-    let e = *ents.get(base)?;
+    // SAFETY: `base < keys.len() == ents.len()` (checked above; `keys` is not empty).
+    let (key, e) = unsafe { (*keys.get_unchecked(base), *ents.get_unchecked(base)) };
     // Below the first slot the subtraction wraps to a huge offset.
-    (gfn.wrapping_sub(keys[base]) < u64::from(e.npages)).then_some((keys[base], e))
+    (gfn.wrapping_sub(key) < u64::from(e.npages)).then_some((key, e))
 }
 
 /// The answer for `gfn` from the entry `(base, e)` of its slot.
@@ -241,6 +256,10 @@ impl Published {
     /// # Safety
     /// The caller holds the slots lock of the owning VM.
     pub(crate) unsafe fn unpublish(&self) {
+        // Most updates find nothing published: a load, no locked swap.
+        if self.slot.load(Ordering::Relaxed).is_null() {
+            return;
+        }
         let p = self.slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
         if p.is_null() {
             return;
@@ -262,7 +281,10 @@ impl Published {
     /// [`unpublish`](Self::unpublish) and has ended; the address space's
     /// generation is still the update's in-progress one.
     pub(crate) unsafe fn after_grace_period(&self) {
-        let mut p = self.pending.swap(core::ptr::null_mut(), Ordering::Relaxed);
+        let mut p = self.pending.load(Ordering::Relaxed);
+        if !p.is_null() {
+            self.pending.store(core::ptr::null_mut(), Ordering::Relaxed);
+        }
         while !p.is_null() {
             // SAFETY: a pending node was unpublished before the grace period
             // that just ended started (the caller's contract), so no reader
@@ -275,6 +297,14 @@ impl Published {
         // the new one is stored only after this returns. No reader holds it,
         // and any later reader reads the new generation and then the slot
         // emptied here.
+        // No reader installs between this load and the store of the new
+        // generation: one that read the old generation finished its section,
+        // install included, before the grace period ended (so this load sees
+        // its install), and under the in-progress generation nothing is
+        // installed.
+        if self.slot.load(Ordering::Relaxed).is_null() {
+            return;
+        }
         let p = self.slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
         if !p.is_null() {
             // SAFETY: as just said, no reader can reach it; it came from `install`.
