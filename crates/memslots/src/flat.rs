@@ -29,8 +29,9 @@
 //!   `Arc` clone), or, after enough misses to pay for it (amortised: a build
 //!   is `O(n)`, so a thread builds only after `n / 4 + 4` misses), builds one
 //!   from the active set and installs it if none is published. A table is
-//!   never built under an in-progress generation, so one built from a newer
-//!   set than its tag (a publish raced the build) never validates.
+//!   never built under an in-progress generation, and one whose build a
+//!   publish raced (the generation reloaded after the build differs) is
+//!   dropped: a table's entries are always its tag's set.
 //! * **Writer** (under the slots lock, around each publish): before the
 //!   publish it moves the published table to a pending list; after the
 //!   grace period, before it stores the final generation, it frees the
@@ -55,12 +56,14 @@
 //!
 //! Threads keep their table in the per-thread state of `srcu.rs` (with
 //! `std`): the memory of a stale table a thread holds is freed at its next
-//! miss on that VM, or when the thread exits. A table costs 32 bytes per slot.
+//! miss on that VM, or when the thread exits; they are not counted in
+//! `Vm::memory_usage`, which counts the published table. A table costs 24
+//! bytes per slot.
 
 use crate::error::HvaError;
 use crate::lookup::entry_to_hva;
 use crate::set::MemslotSet;
-use crate::srcu::{SrcuGuard, GEN_UPDATE_IN_PROGRESS};
+use crate::srcu::{SrcuGuard, TwoSets, GEN_UPDATE_IN_PROGRESS};
 use crate::sync::{Arc, AtomicPtr, Ordering, UnsafeCell};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -363,6 +366,9 @@ pub(crate) struct Holder {
     /// Misses since the table last went stale: a build is `O(n)`, made
     /// only once this many lookups paid for it.
     misses: Cell<u32>,
+    /// A generation whose set has no table (a slot of more than `u32::MAX`
+    /// pages); [`GEN_UPDATE_IN_PROGRESS`], never a final one, for none.
+    unbuildable: Cell<u64>,
 }
 
 impl core::fmt::Debug for Holder {
@@ -386,7 +392,12 @@ impl View {
 
 impl Default for Holder {
     fn default() -> Self {
-        Holder { view: Cell::new(View::NONE), own: Cell::new(None), misses: Cell::new(0) }
+        Holder {
+            view: Cell::new(View::NONE),
+            own: Cell::new(None),
+            misses: Cell::new(0),
+            unbuildable: Cell::new(GEN_UPDATE_IN_PROGRESS),
+        }
     }
 }
 
@@ -436,6 +447,7 @@ impl Holder {
         &self,
         published: &Published,
         guard: &SrcuGuard<'_>,
+        space: &TwoSets<MemslotSet<D>>,
         set: &MemslotSet<D>,
         gen: u64,
         gfn: u64,
@@ -443,9 +455,19 @@ impl Holder {
         if gen & GEN_UPDATE_IN_PROGRESS != 0 {
             return None;
         }
+        let v = self.view.get();
+        if !v.keys.is_null() && v.gen != gen {
+            // A table of an older generation is of no use any more: let it
+            // go now (its memory), not at the next build.
+            self.view.set(View::NONE);
+            drop(self.own.take());
+        }
         let table = match published.get(guard, gen) {
             Some(t) => t,
             None => {
+                if self.unbuildable.get() == gen {
+                    return None;
+                }
                 let misses = self.misses.get().saturating_add(1);
                 // Under loom at the first miss, so that the models build,
                 // publish and free tables.
@@ -454,11 +476,19 @@ impl Holder {
                     self.misses.set(misses);
                     return None;
                 }
+                self.misses.set(0);
                 let Some(t) = FlatTable::build(set, gen) else {
-                    // Not representable: try again after as many misses.
-                    self.misses.set(0);
+                    // Not representable: not again for this generation.
+                    self.unbuildable.set(gen);
                     return None;
                 };
+                // A publish that raced the build may have made `set` newer
+                // than `gen` says (the in-progress store precedes the publish,
+                // so the reload sees it): such a table must not be taken by a
+                // reader that loaded `gen` before that store.
+                if space.generation() != gen {
+                    return None;
+                }
                 let t = Arc::new(t);
                 published.install(guard, &t);
                 t
@@ -467,7 +497,7 @@ impl Holder {
         self.misses.set(0);
         let found = table.search(gfn);
         self.view.set(table.view());
-        // The old table (if any) is released after `cur` moved off it.
+        // The old table (if any) is released after the view moved off it.
         drop(self.own.replace(Some(table)));
         Some(found)
     }
@@ -536,6 +566,38 @@ mod loom_tests {
             for r in readers {
                 r.join().unwrap();
             }
+        });
+    }
+
+    /// One vCPU across two updates (away and back): the table it built or
+    /// took under the first generation, one a reader may install during an
+    /// update, and the frees of both updates.
+    #[test]
+    fn loom_flat_tables_vs_two_moves() {
+        loom::model(|| {
+            let vm = Arc::new(Vm::new(Config::x86_64().with_address_spaces(1).with_user_slots(4)).unwrap());
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0, 0x10000, 0x10_0000)).unwrap();
+            let back = Arc::new(AtomicBool::new(false));
+            let reader = {
+                let (vm, back) = (Arc::clone(&vm), Arc::clone(&back));
+                thread::spawn(move || {
+                    let vcpu = vm.vcpu();
+                    for gfn in [1, 2] {
+                        let done = back.load(Ordering::Acquire);
+                        match vcpu.gfn_to_hva(gfn) {
+                            Ok(hva) => assert_eq!(hva, 0x10_0000 + (gfn << 12)),
+                            Err(e) => {
+                                assert!(!done, "no slot at gfn {gfn} after the move back returned");
+                                assert!(matches!(e, HvaError::NoSlot | HvaError::Invalid));
+                            }
+                        }
+                    }
+                })
+            };
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0x10_0000, 0x10000, 0x10_0000)).unwrap();
+            vm.set_user_memory_region(&UserMemoryRegion::new(0, 0, 0, 0x10000, 0x10_0000)).unwrap();
+            back.store(true, Ordering::Release);
+            reader.join().unwrap();
         });
     }
 }

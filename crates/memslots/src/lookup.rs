@@ -162,7 +162,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
         let gen = space.generation();
         let set = space.active(&self.guard);
         if let Some(holder) = self.vm.srcu.thread_tables().and_then(|t| t.get(i)) {
-            if let Some(found) = holder.refresh(&self.vm.flat[i], &self.guard, set, gen, gfn) {
+            if let Some(found) = holder.refresh(&self.vm.flat[i], &self.guard, space, set, gen, gfn) {
                 return crate::flat::translate(found, gfn, write);
             }
         }
@@ -325,7 +325,9 @@ impl<H: ArchHooks> Vm<H> {
     }
 
     /// [`ReadGuard::gfn_to_hva_many`] without a guard to hold (as
-    /// [`gfn_to_hva`](Self::gfn_to_hva)).
+    /// [`gfn_to_hva`](Self::gfn_to_hva)). The host range is only a number
+    /// once the call returns: to access it, hold a section (or otherwise
+    /// know the memory stays mapped).
     pub fn gfn_to_hva_many(&self, as_id: u16, gfn: u64, write: bool) -> Result<(u64, u64), HvaError> {
         self.translate_anonymous(as_id, gfn, write).map(|(hva, n, _)| (hva, n))
     }

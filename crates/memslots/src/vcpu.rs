@@ -259,7 +259,8 @@ impl<'a, H: ArchHooks> Vcpu<'a, H> {
         let gen = self.space.generation();
         let srcu = guard.guard.srcu_guard();
         let set = self.space.active(srcu);
-        if let Some(found) = self.table.refresh(&self.vm.flat[usize::from(self.as_id)], srcu, set, gen, gfn) {
+        if let Some(found) = self.table.refresh(&self.vm.flat[usize::from(self.as_id)], srcu, self.space, set, gen, gfn)
+        {
             return self.fill_from_table(gen, found, gfn, write);
         }
         let c = guard.fill_entry(gen, gfn).ok_or(HvaError::NoSlot)?;

@@ -208,7 +208,9 @@ impl<H: ArchHooks> Vm<H> {
 
     /// Registered reader records: one per vCPU and [`Reader`](crate::Reader),
     /// and (with `std`) two per live thread that made anonymous lookups
-    /// (`vm.read()`, `vm.gfn_to_hva`, ...), removed when that thread exits.
+    /// (`vm.read()`, `vm.gfn_to_hva`, ...) or a translation in any read
+    /// section (its flat tables live with those records), removed when that
+    /// thread exits.
     pub fn registered_readers(&self) -> usize {
         self.srcu.registered()
     }
