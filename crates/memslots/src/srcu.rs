@@ -208,7 +208,7 @@ mod per_thread {
     use super::{ReaderRecord, Registry, Srcu};
     use crate::flat::Holder;
     use crate::sync::{lock, Arc, Ordering};
-    use alloc::boxed::Box;
+    use alloc::rc::Rc;
     use alloc::sync::Weak;
     use core::cell::{Cell, RefCell};
     use std::vec::Vec;
@@ -223,8 +223,11 @@ mod per_thread {
         exclusive: Arc<ReaderRecord>,
         registry: Weak<Registry>,
         /// The thread's flat tables of the domain's VM, one per address
-        /// space (boxed: the address stays put when `ENTRIES` grows).
-        tables: Box<[Holder]>,
+        /// space. In an `Rc`, not a `Box`: the address stays put when
+        /// `ENTRIES` grows, and moving an `Rc` does not assert uniqueness
+        /// of what it points to (moving a `Box` would invalidate the
+        /// pointer `LAST` keeps, under Stacked Borrows).
+        tables: Rc<[Holder]>,
     }
 
     impl Drop for Entry {
@@ -280,7 +283,7 @@ mod per_thread {
         let (domain, _, _, tables) = LAST.try_with(Cell::get).ok()?;
         if domain == srcu.id {
             // SAFETY: as in `records`: the tables of an entry of `ENTRIES`
-            // of this thread (boxed, `srcu.spaces` long), which empties
+            // of this thread (in an `Rc`, `srcu.spaces` long), which empties
             // `LAST` before it drops them; the entry outlives this borrow of
             // `srcu` (module docs). `Holder` is not `Sync` and the borrow
             // cannot leave this thread (`&[Holder]` is not `Send`).
@@ -295,15 +298,15 @@ mod per_thread {
             .try_with(|entries| {
                 let mut entries = entries.try_borrow_mut().ok()?;
                 if let Some(e) = entries.iter().find(|e| e.domain == srcu.id) {
-                    return Some((Arc::as_ptr(&e.shared), Arc::as_ptr(&e.exclusive), e.tables.as_ptr()));
+                    return Some((Arc::as_ptr(&e.shared), Arc::as_ptr(&e.exclusive), Rc::as_ptr(&e.tables).cast()));
                 }
                 // Entries of domains that no longer exist go first (dropping
                 // one frees its records): memory stays proportional to the
                 // domains this thread still uses.
                 entries.retain(|e| e.registry.strong_count() > 0);
                 let (shared, exclusive) = (srcu.register(), srcu.register());
-                let tables: Box<[Holder]> = (0..srcu.spaces).map(|_| Holder::default()).collect();
-                let p = (Arc::as_ptr(&shared), Arc::as_ptr(&exclusive), tables.as_ptr());
+                let tables: Rc<[Holder]> = (0..srcu.spaces).map(|_| Holder::default()).collect();
+                let p = (Arc::as_ptr(&shared), Arc::as_ptr(&exclusive), Rc::as_ptr(&tables).cast());
                 let registry = Arc::downgrade(&srcu.registry);
                 entries.push(Entry { domain: srcu.id, shared, exclusive, registry, tables });
                 Some(p)
