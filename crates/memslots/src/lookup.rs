@@ -33,11 +33,10 @@ impl<H: ArchHooks> core::fmt::Debug for ReadGuard<'_, H> {
 /// with host address `hva` and `flags` (the caller checked the range).
 #[inline]
 pub(crate) fn entry_to_hva(base: u64, hva: u64, flags: u32, gfn: u64, write: bool) -> Result<u64, HvaError> {
-    if flags & KVM_MEMSLOT_INVALID != 0 {
-        return Err(HvaError::Invalid);
-    }
-    if write && flags & KVM_MEM_READONLY != 0 {
-        return Err(HvaError::ReadOnly);
+    // One test on the way to success (this is every lookup's last step).
+    let refused = KVM_MEMSLOT_INVALID | if write { KVM_MEM_READONLY } else { 0 };
+    if flags & refused != 0 {
+        return Err(if flags & KVM_MEMSLOT_INVALID != 0 { HvaError::Invalid } else { HvaError::ReadOnly });
     }
     Ok(hva + ((gfn - base) << PAGE_SHIFT))
 }
