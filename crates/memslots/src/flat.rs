@@ -32,13 +32,11 @@
 //!   never built under an in-progress generation, and one whose build a
 //!   publish raced (the generation reloaded after the build differs) is
 //!   dropped: a table's entries are always its tag's set.
-//! * **Writer** (under the slots lock, around each publish): before the
-//!   publish it moves the published table to a pending list; after the
-//!   grace period, before it stores the final generation, it frees the
-//!   pending list and the published table (one a reader of the old
-//!   generation installed during the update). Readers load the published
-//!   pointer only inside sections and only under a final generation, never
-//!   the in-progress one. A reader that read the old generation is inside a
+//! * **Writer** (under the slots lock, after each publish): after the grace
+//!   period, before it stores the final generation, it frees the published
+//!   table (of the old generation, installed before or during the update).
+//!   Readers load the published pointer only inside sections and only under
+//!   a final generation, never the in-progress one. A reader that read the old generation is inside a
 //!   section the grace period waited for (had it not been waited for, its
 //!   phase re-check saw the flip, and its later generation load the
 //!   in-progress value stored before the flip); a reader that reads the new
@@ -61,7 +59,7 @@
 //! bytes per slot.
 
 use crate::error::HvaError;
-use crate::lookup::entry_to_hva;
+use crate::lookup::entry_translation;
 use crate::set::MemslotSet;
 use crate::srcu::{SrcuGuard, TwoSets, GEN_UPDATE_IN_PROGRESS};
 use crate::sync::{Arc, AtomicPtr, Ordering, UnsafeCell};
@@ -159,18 +157,16 @@ fn search(keys: &[u64], ents: &[FlatEntry], gfn: u64) -> Found {
 
 /// The answer for `gfn` from the entry `(base, e)` of its slot.
 #[inline(always)]
-pub(crate) fn translate(found: Option<(u64, FlatEntry)>, gfn: u64, write: bool) -> Translation {
+pub(crate) fn translate(found: Found, gfn: u64, write: bool) -> Translation {
     let (base, e) = found.ok_or(HvaError::NoSlot)?;
-    let hva = entry_to_hva(base, e.hva, e.flags, gfn, write)?;
-    Ok((hva, u64::from(e.npages) - (gfn - base), e.flags))
+    entry_translation(base, e.hva, u64::from(e.npages), e.flags, gfn, write)
 }
 
-/// A published table and the link of the writer's pending list.
+/// A published table.
 struct Node {
     /// In a cell so that loom checks every reader's access against the
     /// writer's free (`free`).
     table: UnsafeCell<Arc<FlatTable>>,
-    next: *mut Node,
 }
 
 impl Node {
@@ -185,24 +181,18 @@ impl Node {
 ///
 /// # Safety
 /// `p` came from `Box::into_raw` and no reader can reach it any more.
-unsafe fn free(p: *mut Node) -> *mut Node {
+unsafe fn free(p: *mut Node) {
     // SAFETY: the caller's contract.
     let node = unsafe { Box::from_raw(p) };
     // The last access to the node: under loom, a write that must follow
     // every reader's access.
     node.table.with_mut(|_| ());
-    node.next
 }
 
-/// One address space's published table (null: none) and the tables the
-/// writer unpublished and frees after a grace period.
+/// One address space's published table (null: none).
 pub(crate) struct Published {
     /// A `Box<Node>` or null. Readers load it inside read sections only.
     slot: AtomicPtr<Node>,
-    /// The writer's list of unpublished nodes (only the writer, under the
-    /// slots lock, and `Drop` touch it; atomic only to be `Sync` without
-    /// more `unsafe`).
-    pending: AtomicPtr<Node>,
 }
 
 impl core::fmt::Debug for Published {
@@ -221,7 +211,7 @@ unsafe impl Sync for Published {}
 
 impl Published {
     pub(crate) fn new() -> Self {
-        Published { slot: AtomicPtr::new(core::ptr::null_mut()), pending: AtomicPtr::new(core::ptr::null_mut()) }
+        Published { slot: AtomicPtr::new(core::ptr::null_mut()) }
     }
 
     /// The published table if it is tagged `gen`. Only inside a read section.
@@ -230,10 +220,11 @@ impl Published {
         if p.is_null() {
             return None;
         }
-        // SAFETY: a published node is freed only after it was unpublished
-        // and a grace period that started later has ended; this section
-        // (`_guard`) began before that grace period could end, so the node
-        // is alive (module docs, "Writer").
+        // SAFETY: the writer frees a published node only after a grace
+        // period that started after the in-progress generation was stored;
+        // a section that loads the slot under a final generation is one
+        // that grace period waits for (module docs, "Writer"), so the node
+        // is alive.
         unsafe { &(*p).table }.with(|t| {
             // SAFETY: as above; the table is written only when the node is freed.
             let table = unsafe { &*t };
@@ -246,65 +237,29 @@ impl Published {
         if !self.slot.load(Ordering::Relaxed).is_null() {
             return;
         }
-        let node =
-            Box::into_raw(Box::new(Node { table: UnsafeCell::new(Arc::clone(table)), next: core::ptr::null_mut() }));
+        let node = Box::into_raw(Box::new(Node { table: UnsafeCell::new(Arc::clone(table)) }));
         if self.slot.compare_exchange(core::ptr::null_mut(), node, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             // SAFETY: never published: still ours alone.
             drop(unsafe { Box::from_raw(node) });
         }
     }
 
-    /// The writer: moves the published table, if any, to the pending list.
-    ///
-    /// # Safety
-    /// The caller holds the slots lock of the owning VM.
-    pub(crate) unsafe fn unpublish(&self) {
-        // Most updates find nothing published: a load, no locked swap.
-        if self.slot.load(Ordering::Relaxed).is_null() {
-            return;
-        }
-        let p = self.slot.swap(core::ptr::null_mut(), Ordering::AcqRel);
-        if p.is_null() {
-            return;
-        }
-        // SAFETY: unpublished: only the writer (the caller) reaches `p`'s
-        // `next` field now; readers only read `table`.
-        unsafe { (*p).next = self.pending.load(Ordering::Relaxed) };
-        self.pending.store(p, Ordering::Relaxed);
-    }
-
     /// The writer, right after the grace period of an update and before it
-    /// stores the update's final generation: frees every pending table (each
-    /// was unpublished before the grace period started), and the published
-    /// one (installed during the update by a reader of the old generation).
+    /// stores the update's final generation: frees the published table, if
+    /// any (of the old generation, installed before or during the update).
     ///
     /// # Safety
-    /// The caller holds the slots lock of the owning VM; a grace period of
-    /// the VM's domain started after the last call to
-    /// [`unpublish`](Self::unpublish) and has ended; the address space's
-    /// generation is still the update's in-progress one.
+    /// The caller holds the slots lock of the owning VM, a grace period of
+    /// the VM's domain that started after the update stored its in-progress
+    /// generation has ended, and that generation is still stored.
     pub(crate) unsafe fn after_grace_period(&self) {
-        let mut p = self.pending.load(Ordering::Relaxed);
-        if !p.is_null() {
-            self.pending.store(core::ptr::null_mut(), Ordering::Relaxed);
-        }
-        while !p.is_null() {
-            // SAFETY: a pending node was unpublished before the grace period
-            // that just ended started (the caller's contract), so no reader
-            // can reach it any more; it was leaked from a `Box` by `install`.
-            p = unsafe { free(p) };
-        }
-        // The published node, if any, was installed by a reader that read a
-        // final generation (`refresh` loads the slot only then): the old one,
-        // so inside a section this grace period waited for (module docs), as
-        // the new one is stored only after this returns. No reader holds it,
-        // and any later reader reads the new generation and then the slot
-        // emptied here.
-        // No reader installs between this load and the store of the new
-        // generation: one that read the old generation finished its section,
-        // install included, before the grace period ended (so this load sees
-        // its install), and under the in-progress generation nothing is
-        // installed.
+        // A reader loads the slot only under a final generation. One that
+        // loaded the old one is inside a section this grace period waited
+        // for (module docs), install included, so this load sees its install
+        // and no reader holds the node; under the in-progress generation
+        // nothing is loaded or installed; and any later reader loads the new
+        // generation, stored after this returns, and then the emptied slot.
+        // Most updates find nothing published: a load, no locked swap.
         if self.slot.load(Ordering::Relaxed).is_null() {
             return;
         }
@@ -315,40 +270,30 @@ impl Published {
         }
     }
 
-    /// Bytes of the published and pending tables.
+    /// Bytes of the published table.
     ///
     /// # Safety
     /// The caller holds the slots lock of the owning VM (only the writer
     /// frees tables).
     pub(crate) unsafe fn bytes(&self) -> usize {
-        let mut n = 0;
-        let published = self.slot.load(Ordering::Acquire);
-        if !published.is_null() {
-            // SAFETY: only the writer frees a published node, and the caller
-            // is the writer.
-            n += unsafe { (*published).bytes() };
+        let p = self.slot.load(Ordering::Acquire);
+        if p.is_null() {
+            return 0;
         }
-        let mut p = self.pending.load(Ordering::Relaxed);
-        while !p.is_null() {
-            // SAFETY: pending nodes are freed only by the writer (the caller).
-            let node = unsafe { &*p };
-            n += node.bytes();
-            p = node.next;
-        }
-        n
+        // SAFETY: only the writer frees a published node, and the caller is
+        // the writer.
+        unsafe { (*p).bytes() }
     }
 }
 
 impl Drop for Published {
     fn drop(&mut self) {
         // `&mut self`: no reader or writer is left.
-        for head in [self.slot.swap(core::ptr::null_mut(), Ordering::Relaxed), self.pending.load(Ordering::Relaxed)] {
-            let mut p = head;
-            while !p.is_null() {
-                // SAFETY: every node here came from `Box::into_raw` and is
-                // reachable only from this structure.
-                p = unsafe { free(p) };
-            }
+        let p = self.slot.swap(core::ptr::null_mut(), Ordering::Relaxed);
+        if !p.is_null() {
+            // SAFETY: it came from `Box::into_raw` and is reachable only from
+            // this structure.
+            unsafe { free(p) };
         }
     }
 }
@@ -433,9 +378,14 @@ impl Holder {
 
     /// Drops the held table (a vCPU switching address spaces).
     pub(crate) fn clear(&self) {
+        self.drop_table();
+        self.misses.set(0);
+    }
+
+    /// Lets the held table go (the view first).
+    fn drop_table(&self) {
         self.view.set(View::NONE);
         drop(self.own.take());
-        self.misses.set(0);
     }
 
     /// A lookup missed the held table. Inside the read section `guard`,
@@ -459,8 +409,7 @@ impl Holder {
         if !v.keys.is_null() && v.gen != gen {
             // A table of an older generation is of no use any more: let it
             // go now (its memory), not at the next build.
-            self.view.set(View::NONE);
-            drop(self.own.take());
+            self.drop_table();
         }
         let table = match published.get(guard, gen) {
             Some(t) => t,

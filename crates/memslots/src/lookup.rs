@@ -41,6 +41,14 @@ pub(crate) fn entry_to_hva(base: u64, hva: u64, flags: u32, gfn: u64, write: boo
     Ok(hva + ((gfn - base) << PAGE_SHIFT))
 }
 
+/// [`entry_to_hva`] with the pages from `gfn` to the slot's end (`npages`
+/// in all) and the slot's flags: what the translations return.
+#[inline(always)]
+pub(crate) fn entry_translation(base: u64, hva: u64, npages: u64, flags: u32, gfn: u64, write: bool) -> Translation {
+    let hva = entry_to_hva(base, hva, flags, gfn, write)?;
+    Ok((hva, npages - (gfn - base), flags))
+}
+
 impl<'a, H: ArchHooks> ReadGuard<'a, H> {
     pub(crate) fn new(vm: &'a Vm<H>, record: &'a ReaderRecord) -> Self {
         ReadGuard { vm, guard: vm.srcu.read_lock(record) }
@@ -166,8 +174,7 @@ impl<'a, H: ArchHooks> ReadGuard<'a, H> {
             }
         }
         let (base, e) = set.search(gfn).ok_or(HvaError::NoSlot)?;
-        let hva = entry_to_hva(base, e.hva, e.flags, gfn, write)?;
-        Ok((hva, e.npages - (gfn - base), e.flags))
+        entry_translation(base, e.hva, e.npages, e.flags, gfn, write)
     }
 
     /// Every slot of `as_id` intersecting gfns `[start, end)`, in gfn order,

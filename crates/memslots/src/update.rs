@@ -323,15 +323,14 @@ impl<H: ArchHooks> Vm<H> {
     /// may be waiting for that lock in `enable_lazy_metadata`).
     fn swap_releasing(&self, as_id: u16, arch: Option<MutexGuard<'_, ()>>) {
         let space = &self.spaces[usize::from(as_id)];
+        // The published flat table describes the old set: freed after the
+        // grace period (flat.rs).
         let flat = &self.flat[usize::from(as_id)];
-        // The published flat table describes the old set: unpublished
-        // before the publish, freed after the grace period (flat.rs).
-        // SAFETY: every caller holds the writer lock.
-        unsafe { flat.unpublish() };
         // kvm_swap_active_memslots: the arch hook sees the new generation
         // before it is stored.
         // SAFETY: every caller holds the writer lock; `after_grace_period`
-        // runs right after the grace period that followed `unpublish`.
+        // runs right after the grace period, before the final generation
+        // is stored.
         unsafe {
             space.swap_then(
                 &self.srcu,

@@ -2,7 +2,7 @@
 //! (`vm.gfn_to_hva`, with `std`), lookups in a held section and vCPU cache
 //! misses answer from a generation-tagged copy of the address space's
 //! translations. These tests check that the copy never answers for a state
-//! that an update has replaced, that the tables the writer unpublishes are
+//! that an update has replaced, that the tables the writer retires are
 //! freed (and accounted for), and, under readers racing a writer, that a
 //! reader never reaches a freed table (run under AddressSanitizer and
 //! ThreadSanitizer in `.ci/sanitizers`) nor gets a translation no state had.
@@ -109,7 +109,7 @@ fn a_table_is_published_once_and_freed_by_the_next_update() {
         });
     });
     assert_eq!(vm.memory_usage(), with);
-    // An update unpublishes it and frees it after its grace period.
+    // An update frees it after its grace period.
     vm.set_user_memory_region(&region(1, KVM_MEM_LOG_DIRTY_PAGES, STRIDE)).unwrap();
     assert_eq!(vm.memory_usage().index_bytes, without.index_bytes, "freed after the update's grace period");
     // With readers about, deleting every slot still gives everything back.
